@@ -1,0 +1,1 @@
+"""Everything in protoprune that knows about Ray: the driver, the actors and the CLI."""

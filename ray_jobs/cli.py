@@ -1,0 +1,155 @@
+"""The `protoprune` command line.
+
+    protoprune run --input URL --output URL [...]      prune (or resume) a dataset
+    protoprune demo DIR                                 write a small demo dataset
+
+User errors (bad flags, bad config, bad input data) print one line `protoprune: error: ...` and
+exit with status 2 (1 when shards failed on bad data); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from scoring.config import FIELDS, load_yaml, make_config
+
+# flag -> (config key, type, help). Flag names are a contract: outside tools depend on them.
+RUN_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--input", "input", str, "input Parquet folder, file or bucket URL (s3://, gs://, local)"),
+    ("--output", "output", str, "output root; the run goes to <output>/<run_id>/"),
+    ("--run-id", "run_id", str, "run id (default: a UTC timestamp); reuse it to resume"),
+    ("--id-column", "id_column", str, "id column (default: id)"),
+    ("--embedding-column", "embedding_column", str, "embedding column (default: embedding)"),
+    ("--k", "k", int, "number of prototypes (default: 1000)"),
+    ("--metric", "metric", str, "cosine (default; spherical k-means) or l2"),
+    ("--kmeans-iters", "kmeans_iters", int, "k-means iterations (default: 20)"),
+    ("--sample-size", "sample_size", int, "rows sampled for k-means (default: 256 * k)"),
+    ("--seed", "seed", int, "seed for sampling, k-means and random (default: 0)"),
+    ("--shard-rows", "shard_rows", int, "target rows per shard (default: 1,000,000)"),
+    ("--strategy", "strategy", str, "hard | easy | random | balanced (default: hard)"),
+    ("--keep-fraction", "keep_fraction", float, "fraction of rows kept, 0 < F <= 1 (default 0.5)"),
+    ("--keep-count", "keep_count", int, "number of rows kept (instead of --keep-fraction)"),
+    ("--workers", "workers", int, "scoring actors (default: one per GPU, else one per CPU)"),
+    ("--address", "address", str, "Ray address; none = embedded local Ray; 'auto' joins"),
+    ("--max-retries", "max_retries", int, "retries of a shard whose worker died (default: 3)"),
+]
+
+
+class UserError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        sys.stderr.write(f"protoprune: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="protoprune", description="Prune datasets by prototype distance, on Ray.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="prune (or resume) a dataset")
+    add_run_flags(r)
+    d = sub.add_parser("demo", help="write a small demo dataset")
+    d.add_argument("dir", help="folder or bucket URL to write into")
+    d.add_argument("--rows", type=int, default=200_000)
+    d.add_argument("--dim", type=int, default=64)
+    d.add_argument("--clusters", type=int, default=40)
+    d.add_argument("--files", type=int, default=4)
+    d.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def add_run_flags(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--config", help="YAML file with the same settings; flags override it")
+    for flag, key, typ, help_ in RUN_FLAGS:
+        r.add_argument(flag, dest=key, type=typ, default=None, help=help_)
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for _, key, _, _ in RUN_FLAGS:
+        v = getattr(args, key, None)
+        if v is not None:
+            settings[key] = v
+    # --keep-fraction and --keep-count exclude each other: a flag replaces the YAML's choice.
+    for flag_key, other in (("keep_fraction", "keep_count"), ("keep_count", "keep_fraction")):
+        if getattr(args, flag_key, None) is not None and getattr(args, other, None) is None:
+            settings.pop(other, None)
+    assert set(settings) <= set(FIELDS)
+    return settings
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ray_jobs.driver import RunFailed, run
+
+    cfg = make_config(settings_from_args(args), source=args.config or "config")
+    try:
+        doc = run(cfg, quiet=args.quiet)
+    except RunFailed as e:
+        sys.stderr.write(f"protoprune: error: {e}\n")
+        return 1
+    out = {
+        "run": f"{cfg.output.rstrip('/')}/{cfg.run_id}",
+        "rows_in": doc["rows_in"],
+        "rows_kept": doc["rows_kept"],
+        "strategy": doc["strategy"],
+        "keep_files": len(doc["files"]),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from scoring.demo import make_demo
+
+    keys = make_demo(
+        args.dir,
+        rows=args.rows,
+        dim=args.dim,
+        clusters=args.clusters,
+        files=args.files,
+        seed=args.seed,
+    )
+    print(f"wrote {args.rows} rows in {len(keys)} files to {args.dir}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        if os.environ.get("PROTOPRUNE_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.stderr.write(f"protoprune: error: {msg}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("protoprune: interrupted; rerun with the same --run-id to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

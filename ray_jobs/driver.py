@@ -1,0 +1,479 @@
+"""Stage orchestration on Ray: plan -> prototypes -> scores -> reduce -> manifest.
+
+The driver holds no large data: only the shard plan, per-cluster count vectors (k entries) and
+one 65,536-bin histogram. Every stage lists its commit markers once and schedules only what is
+missing, so a rerun with the same run id resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from scoring import manifest
+from scoring.config import RunConfig
+from scoring.prototypes import load_committed, sample_counts
+from scoring.select import ThresholdSearch, balanced_quotas, key_bits, plan_cluster_ranges
+from scoring.shards import Shard, plan_shards
+from scoring.storage import Store
+
+log = logging.getLogger("protoprune")
+
+IN_FLIGHT_PER_WORKER = 2
+RANGE_ROWS = 4_000_000  # rows per cluster range in the per-cluster reduce
+
+
+class RunFailed(RuntimeError):
+    """Some shards failed on bad data; the message names them and their files."""
+
+
+# -- Ray setup ---------------------------------------------------------------------------------
+def ensure_ray(address: str | None) -> None:
+    """Join a cluster (address, `auto`, or RAY_ADDRESS inside `ray job submit`), else start
+    an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False, **kwargs)
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+# -- progress ----------------------------------------------------------------------------------
+class Progress:
+    """One bar per stage (rows/s, shards done/failed) on stderr; silent when quiet."""
+
+    def __init__(self, desc: str, total_shards: int, total_rows: int | None, quiet: bool):
+        self.quiet = quiet
+        self.done = self.failed = 0
+        self.total = total_shards
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_rows or total_shards,
+                desc=desc,
+                file=sys.stderr,
+                unit=" rows" if total_rows else " shards",
+                unit_scale=True,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
+
+    def update(self, rows: int = 0, failed: bool = False) -> None:
+        if failed:
+            self.failed += 1
+        else:
+            self.done += 1
+        if self.bar is not None:
+            self.bar.update(rows if rows else (0 if failed else 1))
+            self.bar.set_postfix_str(f"shards {self.done}/{self.total} failed {self.failed}")
+
+    def close(self) -> float:
+        if self.bar is not None:
+            self.bar.close()
+        return time.perf_counter() - self.t0
+
+
+# -- generic scheduling ------------------------------------------------------------------------
+def map_tasks(
+    fn: Callable,
+    args: Iterable[tuple],
+    max_in_flight: int,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+) -> Iterator[tuple[int, Any]]:
+    """Run remote(fn)(*a) for each args tuple with bounded concurrency; yield (i, result)
+    in completion order. Exceptions propagate."""
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3)(fn)
+    pending: dict[Any, int] = {}
+    it = iter(enumerate(args))
+    exhausted = False
+    while pending or not exhausted:
+        while not exhausted and len(pending) < max_in_flight:
+            try:
+                i, a = next(it)
+            except StopIteration:
+                exhausted = True
+                break
+            pending[remote.remote(*a)] = i
+        if not pending:
+            break
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            i = pending.pop(ref)
+            yield i, ray.get(ref)
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user-facing cause inside a Ray task error (bad data), or None for crashes."""
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
+        return cause
+    return None
+
+
+# -- the run -----------------------------------------------------------------------------------
+class Run:
+    """One run folder and its stages."""
+
+    def __init__(self, cfg: RunConfig, quiet: bool = False):
+        self.cfg = cfg
+        self.quiet = quiet
+        self.in_store = Store(cfg.input, cfg.storage_options)
+        self.out_root = Store(cfg.output, cfg.storage_options)
+        self.store = self.out_root.child(cfg.run_id)
+        self.timings: dict[str, float] = {}
+        self.shards: list[Shard] = []
+
+    # ---- plan and run.json
+    def plan(self) -> None:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        files, shards, schemas = plan_shards(self.in_store, cfg.shard_rows)
+        for key, schema in schemas.items():
+            for col in (cfg.id_column, cfg.embedding_column):
+                if col not in schema.names:
+                    raise ValueError(
+                        f"{self.in_store.uri(key)}: column '{col}' not found "
+                        f"(columns: {', '.join(schema.names)})"
+                    )
+        self.shards = shards
+        self.n_rows = sum(s.rows for s in shards)
+        if self.n_rows == 0:
+            raise ValueError(f"input {self.in_store.uri()}: the Parquet files hold zero rows")
+        if cfg.k > self.n_rows:
+            raise ValueError(f"k = {cfg.k} is larger than the {self.n_rows} input rows")
+        self.fingerprint = [
+            {"path": f["key"], "size": f["size"], "version": f["version"]} for f in files
+        ]
+        self.timings["plan"] = time.perf_counter() - t0
+        self._write_or_check_run_json()
+
+    def _write_or_check_run_json(self) -> None:
+        cfg = self.cfg
+        doc = {
+            "format_version": manifest.FORMAT_VERSION,
+            "run_id": cfg.run_id,
+            "config": cfg.redacted(),
+            "config_hash": cfg.config_hash(),
+            "code_version": manifest.code_version(),
+            "input": {"url": self.in_store.uri(), "files": self.fingerprint, "rows": self.n_rows},
+            "shards": [s.to_json() for s in self.shards],
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if self.store.exists(manifest.RUN_JSON):
+            old = manifest.read_json(self.store, manifest.RUN_JSON)
+            if old.get("config_hash") != doc["config_hash"]:
+                changed = sorted(
+                    k for k, v in cfg.hashed_settings().items() if old.get("config", {}).get(k) != v
+                )
+                raise ValueError(
+                    f"run {self.store.uri()} exists with a different config "
+                    f"(changed: {', '.join(changed) or 'unknown'}); use a new --run-id"
+                )
+            if old.get("input", {}).get("files") != self.fingerprint:
+                raise ValueError(
+                    f"run {self.store.uri()} exists but the input changed since "
+                    f"it started; use a new --run-id"
+                )
+            log.info("resuming run %s", self.store.uri())
+            return
+        self.out_root.check_writable()
+        manifest.write_json(self.store, manifest.RUN_JSON, doc)
+
+    # ---- prototypes
+    def prototypes(self) -> tuple[np.ndarray, str]:
+        import ray
+
+        from ray_jobs import workers
+
+        got = load_committed(self.store)
+        if got is not None:
+            log.info("prototypes already committed (sha256 %s)", got[1][:12])
+            return got
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        counts = sample_counts([s.rows for s in self.shards], cfg.effective_sample_size)
+        todo = [(s, int(c)) for s, c in zip(self.shards, counts) if c > 0]
+        prog = Progress("sample", len(todo), int(counts.sum()), self.quiet)
+        sample_remote = ray.remote(num_cpus=1, max_retries=3)(workers.sample_task)
+        refs = []
+        # Bounded submission: sample arrays stay in the object store, never on the driver.
+        pending: list[Any] = []
+        for shard, c in todo:
+            if len(pending) >= 2 * cluster_cpus():
+                ready, pending = ray.wait(pending, num_returns=1)
+                self._count_ready(ready, prog)
+            ref = sample_remote.remote(cfg, self.in_store, shard, c)
+            refs.append(ref)
+            pending.append(ref)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            self._count_ready(ready, prog)
+        prog.close()
+        use_gpu = cluster_gpus() > 0
+        fit = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(workers.fit_task)
+        stats = ray.get(fit.remote(cfg, self.store, refs, use_gpu))
+        del refs
+        self.timings["prototypes"] = time.perf_counter() - t0
+        log.info(
+            "prototypes: k=%d on %d sampled rows, inertia %.4g, %d iterations (%.1fs)",
+            cfg.k,
+            stats["sample_rows"],
+            stats["inertia"],
+            stats["iterations"],
+            stats["seconds"],
+        )
+        got = load_committed(self.store)
+        assert got is not None
+        return got
+
+    def _count_ready(self, ready: list[Any], prog: Progress) -> None:
+        import ray
+
+        for r in ready:
+            try:
+                arr = ray.get(r)
+            except Exception as e:  # noqa: BLE001
+                cause = user_error(e)
+                if cause is not None:
+                    raise cause from None
+                raise
+            prog.update(len(arr))
+
+    # ---- score
+    def score(self, centroids: np.ndarray, sha: str) -> None:
+        import ray
+
+        from ray_jobs.workers import ShardWorker
+
+        cfg = self.cfg
+        done = {
+            i
+            for i, m in manifest.committed(self.store, "scores").items()
+            if m.get("prototypes_sha256") == sha
+        }
+        todo = [s for s in self.shards if s.index not in done]
+        log.info("score: %d shards committed, %d to do", len(done), len(todo))
+        if not todo:
+            return
+        gpus = cluster_gpus()
+        n_workers = cfg.workers or (gpus if gpus else cluster_cpus())
+        n_workers = max(1, min(n_workers, len(todo)))
+        res = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        actor_cls = ray.remote(max_restarts=cfg.max_retries, max_task_retries=0, **res)(ShardWorker)
+        cref = ray.put(centroids)
+        actors = [
+            actor_cls.remote(cfg, self.in_store, self.store, [cref], sha, bool(gpus))
+            for _ in range(n_workers)
+        ]
+        prog = Progress("score", len(todo), sum(s.rows for s in todo), self.quiet)
+        failures: dict[int, str] = {}
+        attempts: dict[int, int] = {}
+        queue = list(reversed(todo))
+        pending: dict[Any, tuple[Shard, int]] = {}
+        load = [0] * n_workers
+        while queue or pending:
+            while queue and min(load) < IN_FLIGHT_PER_WORKER:
+                w = int(np.argmin(load))
+                shard = queue.pop()
+                pending[actors[w].score.remote(shard)] = (shard, w)
+                load[w] += 1
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                shard, w = pending.pop(ref)
+                load[w] -= 1
+                try:
+                    summary = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - classified below
+                    cause = user_error(e)
+                    if cause is not None:
+                        failures[shard.index] = str(cause)
+                        log.error("shard %d failed: %s", shard.index, cause)
+                        prog.update(failed=True)
+                        continue
+                    attempts[shard.index] = attempts.get(shard.index, 0) + 1
+                    if attempts[shard.index] > cfg.max_retries:
+                        failures[shard.index] = f"worker died {attempts[shard.index]} times: {e}"
+                        prog.update(failed=True)
+                        continue
+                    log.warning(
+                        "shard %d: worker lost (%s); retrying", shard.index, type(e).__name__
+                    )
+                    queue.append(shard)
+                    continue
+                prog.update(summary.rows)
+                log.info(
+                    "shard %d scored: %d rows in %.2fs", shard.index, summary.rows, summary.seconds
+                )
+        for a in actors:
+            ray.kill(a)
+        self.timings["score"] = prog.close()
+        if failures:
+            names = "; ".join(
+                f"shard {i} ({self.in_store.uri(self.shards[i].file)}): {msg}"
+                for i, msg in sorted(failures.items())
+            )
+            raise RunFailed(f"{len(failures)} shard(s) failed, no manifest committed: {names}")
+
+    # ---- reduce
+    def reduce(self, sha: str) -> dict[str, Any]:
+        from ray_jobs.workers import call
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        k = cfg.k
+        idx = [s.index for s in self.shards]
+        par = 2 * cluster_cpus()
+        counts = np.zeros(k, np.int64)
+        dist_sum = np.zeros(k, np.float64)
+        prog = Progress("reduce: stats", len(idx), None, self.quiet)
+        for _, st in map_tasks(call, [("shard_stats", self.store, i, k) for i in idx], par):
+            counts += st["counts"]
+            dist_sum += st["dist_sum"]
+            prog.update()
+        prog.close()
+        n = int(counts.sum())
+        assert n == self.n_rows, f"scores hold {n} rows, the input {self.n_rows}"
+        n_keep = cfg.n_keep(n)
+        kept = np.zeros(k, np.int64)
+        files: list[dict[str, Any]] = []
+        extra: dict[str, Any] = {}
+        if cfg.strategy in ("hard", "easy", "random"):
+            search = ThresholdSearch(n_keep, n, key_bits(cfg.strategy))
+            while (req := search.request()) is not None:
+                mode, prefix, bits, limit = req
+                tot = key_bits(cfg.strategy)
+                if mode == "hist":
+                    args = [
+                        (
+                            "shard_histogram",
+                            self.store,
+                            i,
+                            cfg.strategy,
+                            cfg.seed,
+                            prefix,
+                            bits,
+                            tot,
+                        )
+                        for i in idx
+                    ]
+                    for _, h in map_tasks(call, args, par):
+                        search.add_histogram(h)
+                else:
+                    args = [
+                        (
+                            "shard_candidates",
+                            self.store,
+                            i,
+                            cfg.strategy,
+                            cfg.seed,
+                            prefix,
+                            bits,
+                            tot,
+                            limit,
+                        )
+                        for i in idx
+                    ]
+                    for _, t in map_tasks(call, args, par):
+                        search.add_candidates(t)
+                search.advance()
+            th = search.result
+            extra["threshold"] = th.to_json()
+            extra["select_passes"] = search.passes
+            prog = Progress("reduce: keep", len(idx), None, self.quiet)
+            args = [("keep_global", self.store, i, cfg.strategy, cfg.seed, th, k) for i in idx]
+            for _, (entry, kc) in map_tasks(call, args, par):
+                kept += kc
+                if entry:
+                    files.append(entry)
+                prog.update()
+            prog.close()
+        else:
+            quotas = balanced_quotas(counts, n_keep)
+            ranges = plan_cluster_ranges(counts, RANGE_ROWS)
+            prog = Progress("reduce: keep", len(ranges), None, self.quiet)
+            args = [
+                ("keep_cluster_range", self.store, idx, part, lo, hi, quotas, k)
+                for part, (lo, hi) in enumerate(ranges)
+            ]
+            for _, (entry, kc) in map_tasks(call, args, par):
+                kept += kc
+                if entry:
+                    files.append(entry)
+                prog.update()
+            prog.close()
+            extra["cluster_ranges"] = len(ranges)
+        files.sort(key=lambda f: f["path"])
+        assert int(kept.sum()) == n_keep, f"kept {int(kept.sum())} rows, expected {n_keep}"
+        self.timings["reduce"] = time.perf_counter() - t0
+        mean_dist = np.divide(dist_sum, np.maximum(counts, 1))
+        return {
+            "format_version": manifest.FORMAT_VERSION,
+            "run_id": cfg.run_id,
+            "config_hash": cfg.config_hash(),
+            "code_version": manifest.code_version(),
+            "strategy": cfg.strategy,
+            "metric": cfg.metric,
+            "k": k,
+            "rows_in": n,
+            "rows_kept": int(kept.sum()),
+            "n_keep": n_keep,
+            "prototypes_sha256": sha,
+            "clusters": {
+                "rows": counts.tolist(),
+                "kept": kept.tolist(),
+                "mean_distance": [round(float(x), 6) for x in mean_dist],
+            },
+            "files": files,
+            **extra,
+        }
+
+    def commit(self, doc: dict[str, Any]) -> None:
+        doc["timings_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
+        doc["committed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        manifest.write_json(self.store, manifest.MANIFEST, doc)
+
+
+def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) a whole pruning job; returns the committed manifest."""
+    r = Run(cfg, quiet=quiet)
+    r.plan()
+    if r.store.exists(manifest.MANIFEST):
+        log.info("run %s is already committed", r.store.uri())
+        return manifest.read_json(r.store, manifest.MANIFEST)
+    ensure_ray(cfg.address)
+    centroids, sha = r.prototypes()
+    r.score(centroids, sha)
+    doc = r.reduce(sha)
+    r.commit(doc)
+    return doc

@@ -1,0 +1,79 @@
+"""Ray actors and tasks: thin wrappers that call the stage functions of `scoring`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import ray
+
+from scoring import score as stage
+from scoring.config import RunConfig
+from scoring.shards import Shard
+from scoring.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+class ShardWorker:
+    """One per GPU (or CPU slot). Loads the prototypes once, then scores shard after shard."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        in_store: Store,
+        run_store: Store,
+        centroids: np.ndarray,
+        prototypes_sha: str,
+        use_gpu: bool = False,
+    ):
+        from scoring.assign import NearestPrototype
+
+        self.cfg, self.in_store, self.run_store = cfg, in_store, run_store
+        self.prototypes_sha = prototypes_sha
+        if isinstance(centroids, list):  # [ObjectRef]: nested, so a restart can re-fetch it
+            centroids = ray.get(centroids[0])
+        self.searcher = NearestPrototype(
+            centroids, cfg.metric, use_gpu=use_gpu and _has_faiss_gpu()
+        )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, shard: Shard) -> stage.ShardSummary:
+        return stage.score_shard(
+            self.cfg, self.in_store, self.run_store, shard, self.searcher, self.prototypes_sha
+        )
+
+
+def _has_faiss_gpu() -> bool:
+    try:
+        import faiss
+
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def sample_task(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> np.ndarray:
+    return stage.sample_shard(cfg, in_store, shard, count)
+
+
+def fit_task(cfg: RunConfig, run_store: Store, samples: list[Any], use_gpu: bool) -> dict:
+    """Concatenate the sample (fetched here, not on the driver), fit, save, commit."""
+    from scoring.prototypes import fit_kmeans, save_centroids
+
+    parts = [p for p in ray.get(samples) if len(p)]
+    x = np.concatenate(parts, axis=0)
+    centroids, _, stats = fit_kmeans(
+        x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu and _has_faiss_gpu()
+    )
+    sha = save_centroids(run_store, centroids, stats)
+    return dict(stats, sha256=sha)
+
+
+def call(fn_name: str, *args: Any) -> Any:
+    """Run a reduce-stage function of scoring.score by name (one remote for all of them)."""
+    return getattr(stage, fn_name)(*args)

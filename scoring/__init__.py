@@ -1,0 +1,1 @@
+"""protoprune's library: pure functions and small classes. Never imports ray."""

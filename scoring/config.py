@@ -1,0 +1,218 @@
+"""Run configuration: one frozen dataclass, loaded from YAML and/or CLI flags, validated once.
+
+The config hash covers exactly the settings that change the result (input, columns, k-means and
+selection settings); it is recorded in run.json so that a resumed run can refuse a changed config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+STRATEGIES = ("hard", "easy", "random", "balanced")
+METRICS = ("cosine", "l2")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Settings that do not change the keep list: where it runs, how it is reported, and credentials.
+_NOT_HASHED = frozenset(
+    {
+        "output",
+        "run_id",
+        "workers",
+        "address",
+        "storage_options",
+        "force_new",
+        "quiet",
+        "log_format",
+        "max_retries",
+    }
+)
+# Keys whose values are never written anywhere (run.json, logs, errors).
+SECRET_KEYS = re.compile(r"(secret|token|password|key$|key_id|credential|session)", re.I)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs. Field names are the YAML keys; CLI flags use dashes."""
+
+    input: str
+    output: str
+    run_id: str = ""
+    id_column: str = "id"
+    embedding_column: str = "embedding"
+    k: int = 1000
+    metric: str = "cosine"
+    kmeans_iters: int = 20
+    sample_size: int | None = None  # None: 256 * k (capped at the number of rows)
+    seed: int = 0
+    shard_rows: int = 1_000_000
+    strategy: str = "hard"
+    keep_fraction: float | None = None  # default 0.5 when neither fraction nor count is given
+    keep_count: int | None = None
+    workers: int | None = None  # None: one per GPU, else one per CPU
+    address: str | None = None  # None: embedded local Ray
+    max_retries: int = 3
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def effective_sample_size(self) -> int:
+        return self.sample_size if self.sample_size is not None else 256 * self.k
+
+    def hashed_settings(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in sorted(d.items()) if k not in _NOT_HASHED}
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.hashed_settings(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as written to run.json: storage options with secrets replaced."""
+        d = dataclasses.asdict(self)
+        d["storage_options"] = redact(dict(self.storage_options))
+        return d
+
+    def n_keep(self, n_rows: int) -> int:
+        """DESIGN §5: floor(keep_fraction × N), or an explicit keep_count capped at N."""
+        if self.keep_count is not None:
+            return min(self.keep_count, n_rows)
+        frac = 0.5 if self.keep_fraction is None else self.keep_fraction
+        # Decimal-exact floor: 0.3 * 10 must give 3, not 2.
+        from fractions import Fraction
+
+        return int(Fraction(repr(frac)) * n_rows)
+
+
+def redact(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {
+            k: ("***" if SECRET_KEYS.search(str(k)) and not isinstance(v, Mapping) else redact(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def _bad(key: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"config key '{key}': {why} (got {value!r})")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ValueError/TypeError naming the key and value of the first bad setting."""
+    ints = ("k", "kmeans_iters", "seed", "shard_rows", "max_retries")
+    for name in ints:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"config key '{name}': expected an integer (got {v!r})")
+    for name in ("sample_size", "keep_count", "workers"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"config key '{name}': expected an integer (got {v!r})")
+    for name in ("input", "output"):
+        v = getattr(cfg, name)
+        if not isinstance(v, str) or not v:
+            raise _bad(name, v, "a non-empty path or URL is required")
+    for name in ("id_column", "embedding_column"):
+        v = getattr(cfg, name)
+        if not isinstance(v, str) or not v:
+            raise _bad(name, v, "a column name is required")
+    if cfg.k < 1:
+        raise _bad("k", cfg.k, "must be at least 1")
+    if cfg.kmeans_iters < 1:
+        raise _bad("kmeans_iters", cfg.kmeans_iters, "must be at least 1")
+    if cfg.shard_rows < 1:
+        raise _bad("shard_rows", cfg.shard_rows, "must be at least 1")
+    if cfg.sample_size is not None and cfg.sample_size < cfg.k:
+        raise _bad("sample_size", cfg.sample_size, f"must be at least k = {cfg.k}")
+    if cfg.metric not in METRICS:
+        raise _bad("metric", cfg.metric, f"must be one of {', '.join(METRICS)}")
+    if cfg.strategy not in STRATEGIES:
+        raise _bad("strategy", cfg.strategy, f"must be one of {', '.join(STRATEGIES)}")
+    if cfg.keep_fraction is not None and cfg.keep_count is not None:
+        raise _bad("keep_count", cfg.keep_count, "give keep_fraction or keep_count, not both")
+    if cfg.keep_fraction is not None:
+        f = cfg.keep_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1):
+            raise _bad("keep_fraction", f, "must be a number with 0 < F <= 1")
+    if cfg.keep_count is not None and cfg.keep_count < 0:
+        raise _bad("keep_count", cfg.keep_count, "must be >= 0")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise _bad("workers", cfg.workers, "must be at least 1")
+    if cfg.max_retries < 0:
+        raise _bad("max_retries", cfg.max_retries, "must be >= 0")
+    if cfg.run_id and not RUN_ID_RE.match(cfg.run_id):
+        raise _bad(
+            "run_id",
+            cfg.run_id,
+            "use letters, digits, '.', '_' and '-' only (no slashes, no '..', at most 128)",
+        )
+    if cfg.run_id and ".." in cfg.run_id:
+        raise _bad("run_id", cfg.run_id, "must not contain '..'")
+    if not isinstance(cfg.storage_options, Mapping):
+        raise TypeError(
+            f"config key 'storage_options': expected a mapping (got {type(cfg.storage_options).__name__})"
+        )
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file into a dict of known keys (dashes accepted for underscores)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path}: not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(
+            f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', e)})"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config file {path}: expected a mapping of keys, got {type(data).__name__}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ValueError(f"config file {path}: unknown key '{key}'")
+        out[name] = value
+    return out
+
+
+def make_config(settings: Mapping[str, Any], source: str = "config") -> RunConfig:
+    """Build a RunConfig from a settings mapping; missing run_id becomes a UTC timestamp."""
+    settings = dict(settings)
+    for required in ("input", "output"):
+        if not settings.get(required):
+            raise ValueError(f"{source}: '{required}' is required (--{required} or the YAML key)")
+    if not settings.get("run_id"):
+        settings["run_id"] = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    if settings.get("storage_options") is None:
+        settings["storage_options"] = {}
+    unknown = set(settings) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"{source}: unknown key '{sorted(unknown)[0]}'")
+    try:
+        return RunConfig(**settings)
+    except (ValueError, TypeError) as e:
+        if source != "config":
+            raise type(e)(f"{source}: {e}") from None
+        raise

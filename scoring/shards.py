@@ -1,0 +1,156 @@
+"""Input discovery and shard planning from Parquet footers only.
+
+A shard is a contiguous run of row groups of one file, about `shard_rows` rows: the unit of work,
+commit and retry. The plan is a pure function of the sorted file list and their footers, so every
+run over the same input gets the same shards in the same order.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from scoring.storage import Store
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    file: str  # key relative to the input root ("" when the input is a single file)
+    row_groups: tuple[int, ...]
+    rows: int
+    row_offset: int  # global index of the shard's first row (deterministic sampling)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["row_groups"] = [self.row_groups[0], self.row_groups[-1] + 1] if self.row_groups else []
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Shard:
+        a, b = d["row_groups"] if d["row_groups"] else (0, 0)
+        return Shard(d["index"], d["file"], tuple(range(a, b)), d["rows"], d["row_offset"])
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:06d}"
+
+
+def list_input(store: Store) -> list[dict[str, Any]]:
+    """The input's Parquet files with size and version (etag or mtime), sorted by key."""
+    files = [
+        f
+        for f in store.list_details("", suffix=".parquet")
+        if not any(part.startswith((".", "_")) for part in f["key"].split("/"))
+    ]
+    if not files:
+        raise ValueError(f"input {store.uri()}: no .parquet files found")
+    return files
+
+
+def _footer(store: Store, key: str) -> tuple[str, list[int], Any]:
+    pf = store.parquet_file(key)
+    md = pf.metadata
+    return key, [md.row_group(i).num_rows for i in range(md.num_row_groups)], pf.schema_arrow
+
+
+def read_footers(store: Store, keys: list[str], threads: int = 16):
+    """(key, [rows per row group], arrow schema) for each key, in key order, read in parallel."""
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys)))) as ex:
+        return list(ex.map(lambda k: _footer(store, k), keys))
+
+
+def plan_from_row_groups(files: list[tuple[str, list[int]]], shard_rows: int) -> list[Shard]:
+    """Cut each file's row groups into consecutive shards of about shard_rows rows.
+
+    A shard closes as soon as it reaches shard_rows; shards never span files; empty row groups
+    are skipped; files with no rows give no shard.
+    """
+    shards: list[Shard] = []
+    offset = 0
+    for key, rg_rows in files:
+        cur: list[int] = []
+        cur_rows = 0
+        for i, n in enumerate(rg_rows):
+            if n == 0:
+                continue
+            cur.append(i)
+            cur_rows += n
+            if cur_rows >= shard_rows:
+                shards.append(
+                    Shard(len(shards), key, tuple(range(cur[0], cur[-1] + 1)), cur_rows, offset)
+                )
+                offset += cur_rows
+                cur, cur_rows = [], 0
+        if cur:
+            shards.append(
+                Shard(len(shards), key, tuple(range(cur[0], cur[-1] + 1)), cur_rows, offset)
+            )
+            offset += cur_rows
+    return shards
+
+
+def plan_shards(store: Store, shard_rows: int, files: list[dict[str, Any]] | None = None):
+    """Plan shards for the input root: returns (files, shards, schemas by key)."""
+    files = files if files is not None else list_input(store)
+    footers = read_footers(store, [f["key"] for f in files])
+    shards = plan_from_row_groups([(k, rg) for k, rg, _ in footers], shard_rows)
+    return files, shards, {k: s for k, _, s in footers}
+
+
+def read_shard(store: Store, shard: Shard, columns: list[str]):
+    """The shard's rows (its row groups) for the given columns, as a pyarrow Table."""
+    pf = store.parquet_file(shard.file)
+    try:
+        return pf.read_row_groups(list(shard.row_groups), columns=columns)
+    finally:
+        try:
+            pf.reader.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def embedding_matrix(column, where: str, name: str) -> np.ndarray:
+    """A (rows, d) float32 matrix from a list / large_list / fixed_size_list<float> column.
+
+    Raises ValueError naming `where` (file or shard) and the column for non-numeric lists,
+    nulls, and rows of different widths.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    t = column.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
+        raise ValueError(f"{where}: column '{name}' must be a list of floats, found {t}")
+    vt = t.value_type
+    if not (pa.types.is_floating(vt) or pa.types.is_integer(vt)):
+        raise ValueError(f"{where}: column '{name}' must be a list of floats, found {t}")
+    n = len(column)
+    if column.null_count:
+        raise ValueError(f"{where}: column '{name}' has {column.null_count} null embedding(s)")
+    if n == 0:
+        return np.zeros((0, t.list_size if pa.types.is_fixed_size_list(t) else 0), np.float32)
+    if pa.types.is_fixed_size_list(t):
+        d = t.list_size
+        values = column.flatten()
+    else:
+        offsets = column.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        d = int(lengths[0])
+        if not (lengths == d).all():
+            bad = int(np.nonzero(lengths != d)[0][0])
+            raise ValueError(
+                f"{where}: column '{name}' has rows of different widths "
+                f"({d} and {int(lengths[bad])} at row {bad})"
+            )
+        values = column.flatten()
+    if values.null_count:
+        raise ValueError(f"{where}: column '{name}' has null values inside embeddings")
+    if values.type != pa.float32():
+        values = pc.cast(values, pa.float32())
+    return values.to_numpy(zero_copy_only=False).reshape(n, d)

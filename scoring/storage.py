@@ -1,0 +1,435 @@
+"""Store: one object-store root (local folder, s3://, gs://) behind fsspec.
+
+All IO of protoprune goes through this class. Keys are '/'-separated paths relative to the root.
+Writes are atomic (temp file + rename on local disk; a single PUT on object stores), so a reader
+never sees half a file. Transient IO errors are retried with bounded exponential backoff and
+jitter; permanent ones (missing bucket, access denied) are raised at once with the URL.
+
+The filesystem client is created lazily and dropped when the Store is pickled, so a Store can be
+shipped to Ray workers and each process opens its own connection pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PERMANENT_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EROFS,
+    errno.ENOSPC,
+}
+
+
+class StoreError(OSError):
+    """A permanent storage error with a message that names the URL."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: throttling, 5xx, timeouts, dropped connections."""
+    if isinstance(
+        exc,
+        (
+            FileNotFoundError,
+            PermissionError,
+            IsADirectoryError,
+            NotADirectoryError,
+            FileExistsError,
+            StoreError,
+        ),
+    ):
+        return False
+    text = f"{type(exc).__name__} {exc}"
+    markers = (
+        "SlowDown",
+        "Throttl",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500 ",
+        "502",
+        "504",
+        "Connection reset",
+        "ConnectionReset",
+        "ConnectionError",
+        "ClientConnector",
+        "ServerDisconnected",
+        "ReadTimeout",
+        "timed out",
+        "Timeout",
+        "IncompleteRead",
+        "Broken pipe",
+        "EndpointConnection",
+        "ResponseStreamingError",
+        "RemoteDisconnected",
+        "ClientPayloadError",
+    )
+    if any(m in text for m in markers):
+        return True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno not in _PERMANENT_ERRNOS and exc.errno in {
+            errno.ECONNRESET,
+            errno.ECONNREFUSED,
+            errno.ETIMEDOUT,
+            errno.EPIPE,
+            errno.EAGAIN,
+        }
+    return False
+
+
+def retry_io(
+    fn: Callable[[], T], what: str, attempts: int = 6, base: float = 0.2, cap: float = 10.0
+) -> T:
+    """Call fn, retrying transient IO errors with exponential backoff and full jitter."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc) or attempt == attempts - 1:
+                raise
+            delay = random.uniform(0, min(cap, base * 2**attempt))
+            log.warning(
+                "transient error on %s (%s); retry %d in %.2fs",
+                what,
+                str(exc).splitlines()[0][:200],
+                attempt + 1,
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """('s3', 'bucket/prefix') for URLs, ('file', '/abs/path') for local paths."""
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        scheme = scheme.lower()
+        if scheme in ("s3a", "s3n"):
+            scheme = "s3"
+        if scheme == "file":
+            return "file", os.path.abspath(rest)
+        return scheme, rest.strip("/")
+    return "file", os.path.abspath(url)
+
+
+def make_filesystem(scheme: str, storage_options: Mapping[str, Any] | None = None):
+    """An fsspec filesystem for a scheme. S3 honours AWS_ENDPOINT_URL and the standard AWS env."""
+    import fsspec
+
+    opts = dict(storage_options or {})
+    if scheme == "file":
+        return fsspec.filesystem("file")
+    if scheme == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if (
+            endpoint
+            and "endpoint_url" not in opts
+            and "endpoint_url" not in opts.get("client_kwargs", {})
+        ):
+            opts["endpoint_url"] = endpoint
+        # Our own retry loop handles transient errors with jitter; keep botocore's short.
+        opts.setdefault("config_kwargs", {}).setdefault(
+            "retries", {"max_attempts": 3, "mode": "standard"}
+        )
+        opts.setdefault("skip_instance_cache", True)
+        return fsspec.filesystem("s3", **opts)
+    if scheme in ("gs", "gcs"):
+        try:
+            import gcsfs  # noqa: F401
+        except ImportError:
+            raise StoreError("gs:// URLs need gcsfs: pip install 'protoprune[gcs]'") from None
+        opts.setdefault("skip_instance_cache", True)
+        return fsspec.filesystem("gs", **opts)
+    try:
+        return fsspec.filesystem(scheme, **opts)
+    except (ValueError, ImportError) as e:
+        raise StoreError(f"unsupported storage scheme '{scheme}://': {e}") from None
+
+
+class Store:
+    """One root URL; every key is relative to it."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = url.rstrip("/") if "://" in url else url
+        self.scheme, self.root = split_url(url)
+        self.storage_options = dict(storage_options or {})
+        self._fs = None
+
+    # -- pickling: never ship a live client -------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            self._fs = make_filesystem(self.scheme, self.storage_options)
+        return self._fs
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+    def child(self, key: str) -> Store:
+        """A Store rooted at a sub-folder (same client options)."""
+        return Store(self.uri(key), self.storage_options)
+
+    def path(self, key: str = "") -> str:
+        """The filesystem path of a key (no scheme)."""
+        key = key.strip("/")
+        return f"{self.root}/{key}" if key else self.root
+
+    def uri(self, key: str = "") -> str:
+        """The full URL of a key, for messages and run.json."""
+        p = self.path(key)
+        return p if self.scheme == "file" else f"{self.scheme}://{p}"
+
+    def key_of(self, path: str) -> str:
+        """Inverse of path(): a filesystem path below the root, relative to it."""
+        p = path
+        if "://" in p:
+            p = p.split("://", 1)[1]
+        root = self.root.rstrip("/")
+        if p == root:
+            return ""
+        if not p.startswith(root + "/"):
+            raise ValueError(f"{path} is not below {self.uri()}")
+        return p[len(root) + 1 :]
+
+    # -- reads ------------------------------------------------------------------------------
+    def _wrap(self, fn: Callable[[], T], key: str, verb: str) -> T:
+        try:
+            return retry_io(fn, f"{verb} {self.uri(key)}")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri(key)}: not found") from None
+        except PermissionError as e:
+            raise StoreError(f"{self.uri(key)}: access denied ({_first_line(e)})") from None
+
+    def exists(self, key: str) -> bool:
+        return self._wrap(lambda: self.fs.exists(self.path(key)), key, "exists")
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._wrap(lambda: self.fs.cat_file(self.path(key)), key, "read")
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        return self._wrap(
+            lambda: self.fs.cat_file(self.path(key), start=start, end=end), key, "read"
+        )
+
+    def info(self, key: str) -> dict[str, Any]:
+        return self._wrap(lambda: self.fs.info(self.path(key)), key, "stat")
+
+    def open(self, key: str, mode: str = "rb", **kwargs: Any):
+        """A file object for reading (used by pyarrow to read Parquet footers and row groups)."""
+        return self._wrap(lambda: self.fs.open(self.path(key), mode, **kwargs), key, "open")
+
+    def list(self, prefix: str = "", suffix: str = "") -> list[str]:
+        """Sorted keys of all files below prefix (recursive), relative to the root."""
+
+        def _do() -> list[str]:
+            base = self.path(prefix)
+            try:
+                self.fs.invalidate_cache(base)
+            except Exception:  # noqa: BLE001 - cache invalidation is best-effort
+                pass
+            if not self.fs.exists(base):
+                return []
+            if self.fs.isfile(base):
+                found = [base]
+            else:
+                found = self.fs.find(base, withdirs=False)
+            return sorted(self.key_of(p) for p in found)
+
+        keys = self._wrap(_do, prefix, "list")
+        return [k for k in keys if k.endswith(suffix)] if suffix else keys
+
+    def list_details(self, prefix: str = "", suffix: str = "") -> list[dict[str, Any]]:
+        """Like list() but with size and etag/mtime, for input fingerprints."""
+
+        def _do() -> list[dict[str, Any]]:
+            base = self.path(prefix)
+            try:
+                self.fs.invalidate_cache(base)
+            except Exception:  # noqa: BLE001
+                pass
+            if not self.fs.exists(base):
+                return []
+            if self.fs.isfile(base):
+                return [dict(self.fs.info(base), name=base)]
+            return list(self.fs.find(base, withdirs=False, detail=True).values())
+
+        out = []
+        for d in self._wrap(_do, prefix, "list"):
+            key = self.key_of(d["name"])
+            if suffix and not key.endswith(suffix):
+                continue
+            version = (
+                d.get("ETag")
+                or d.get("etag")
+                or d.get("md5Hash")
+                or d.get("mtime")
+                or d.get("LastModified")
+                or d.get("updated")
+            )
+            out.append(
+                {
+                    "key": key,
+                    "size": int(d.get("size") or 0),
+                    "version": str(version).strip('"') if version is not None else None,
+                }
+            )
+        return sorted(out, key=lambda x: x["key"])
+
+    # -- writes -----------------------------------------------------------------------------
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Atomic put: readers see the old object or the whole new one, never a prefix."""
+        if self.is_local:
+            self._wrap(lambda: _atomic_local_write(self.path(key), data), key, "write")
+        else:
+            self._wrap(lambda: self.fs.pipe_file(self.path(key), data), key, "write")
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create-only put. Returns False (and writes nothing) when the key already exists.
+
+        Local: link(2) of a complete temp file, which fails if the target exists. S3: a
+        conditional PUT with If-None-Match: * where the server supports it, else exists+put.
+        """
+        if self.is_local:
+            return self._wrap(lambda: _create_only_local_write(self.path(key), data), key, "write")
+        if self.scheme == "s3":
+            return self._wrap(lambda: self._s3_put_if_absent(key, data), key, "write")
+        if self.exists(key):
+            return False
+        self.put_bytes(key, data)
+        return True
+
+    def _s3_put_if_absent(self, key: str, data: bytes) -> bool:
+        bucket, _, obj = self.path(key).partition("/")
+        fs = self.fs
+        try:
+            from fsspec.asyn import sync
+
+            async def _put():
+                s3 = await fs.get_s3()
+                return await s3.put_object(Bucket=bucket, Key=obj, Body=data, IfNoneMatch="*")
+
+            sync(fs.loop, _put)
+            fs.invalidate_cache(self.path(key))
+            return True
+        except Exception as e:  # noqa: BLE001
+            text = f"{type(e).__name__} {e}"
+            if (
+                "PreconditionFailed" in text
+                or "412" in text
+                or "ConditionalRequestConflict" in text
+            ):
+                return False
+            raise
+
+    def delete(self, key: str) -> None:
+        def _do() -> None:
+            try:
+                self.fs.rm(self.path(key), recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self._wrap(_do, key, "delete")
+
+    def check_writable(self) -> None:
+        """Fail fast, naming the URL, when the root cannot be written (e.g. missing bucket)."""
+        probe = f"_probe-{uuid.uuid4().hex}"
+        try:
+            self.put_bytes(probe, b"")
+            self.delete(probe)
+        except FileNotFoundError:
+            raise StoreError(f"output {self.uri()}: bucket or folder does not exist") from None
+        except StoreError:
+            raise
+        except OSError as e:
+            raise StoreError(f"output {self.uri()}: not writable ({_first_line(e)})") from None
+
+    # -- parquet helpers --------------------------------------------------------------------
+    def write_parquet(self, key: str, table, **kwargs: Any) -> tuple[int, str]:
+        """Write a pyarrow Table atomically; return (bytes, sha256 hex)."""
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **kwargs)
+        data = buf.getvalue()
+        self.put_bytes(key, data)
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    def parquet_file(self, key: str):
+        """A pyarrow ParquetFile over the object (footer read only, row groups on demand)."""
+        import pyarrow.parquet as pq
+
+        f = self.open(key, "rb")
+        try:
+            return retry_io(lambda: pq.ParquetFile(f), f"read footer {self.uri(key)}")
+        except Exception as e:
+            f.close()
+            if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and is_transient(e):
+                raise
+            raise ValueError(
+                f"{self.uri(key)}: not a valid Parquet file ({_first_line(e)})"
+            ) from None
+
+    def read_parquet(self, key: str, columns: Iterable[str] | None = None):
+        import pyarrow.parquet as pq
+
+        data = self.get_bytes(key)
+        return pq.read_table(io.BytesIO(data), columns=list(columns) if columns else None)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _create_only_local_write(path: str, data: bytes) -> bool:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
