@@ -31,9 +31,34 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--sample-size", "sample_size", int, "rows sampled for k-means (default: 256 * k)"),
     ("--seed", "seed", int, "seed for sampling, k-means and random (default: 0)"),
     ("--shard-rows", "shard_rows", int, "target rows per shard (default: 1,000,000)"),
-    ("--strategy", "strategy", str, "hard | easy | random | balanced (default: hard)"),
+    ("--strategy", "strategy", str, "hard | easy | random | balanced | dbp (default: hard)"),
     ("--keep-fraction", "keep_fraction", float, "fraction of rows kept, 0 < F <= 1 (default 0.5)"),
     ("--keep-count", "keep_count", int, "number of rows kept (instead of --keep-fraction)"),
+    ("--text-column", "text_column", str, "raw text column to embed (instead of embeddings)"),
+    ("--image-column", "image_column", str, "image bytes or paths column to embed"),
+    (
+        "--model",
+        "model",
+        str,
+        "embedding model: sentence-transformers dir, open_clip/timm/torchvision spec, or module:factory",
+    ),
+    (
+        "--embed-batch-size",
+        "embed_batch_size",
+        int,
+        "rows per model batch (default: sized to memory)",
+    ),
+    ("--gpus-per-worker", "gpus_per_worker", float, "GPUs per scoring actor (fractions allowed)"),
+    ("--cpus-per-worker", "cpus_per_worker", float, "CPUs per scoring actor (default 1)"),
+    (
+        "--dedup-eps",
+        "dedup_eps",
+        float,
+        "SemDeDup: drop rows with cosine >= 1 - eps to a harder row of their cluster",
+    ),
+    ("--dbp-temperature", "dbp_temperature", float, "DBP softmax temperature (default 0.5)"),
+    ("--label-column", "label_column", str, "label column: per-label counts before/after pruning"),
+    ("--log-format", "log_format", str, "text (default) or json"),
     ("--workers", "workers", int, "scoring actors (default: one per GPU, else one per CPU)"),
     ("--address", "address", str, "Ray address; none = embedded local Ray; 'auto' joins"),
     ("--max-retries", "max_retries", int, "retries of a shard whose worker died (default: 3)"),
@@ -69,13 +94,29 @@ def add_run_flags(r: argparse.ArgumentParser) -> None:
     r.add_argument("--config", help="YAML file with the same settings; flags override it")
     for flag, key, typ, help_ in RUN_FLAGS:
         r.add_argument(flag, dest=key, type=typ, default=None, help=help_)
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument(
+        "--save-embeddings",
+        dest="save_embeddings",
+        action="store_true",
+        default=None,
+        help="also write embeddings/shard-NNNNNN.parquet",
+    )
+    r.add_argument(
+        "--force-new",
+        dest="force_new",
+        action="store_true",
+        default=None,
+        help="start the run id over even if its config or input changed",
+    )
+    r.add_argument(
+        "--quiet", dest="quiet", action="store_true", default=None, help="no progress bars"
+    )
     r.add_argument("--verbose", action="store_true", help="debug logging")
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    for _, key, _, _ in RUN_FLAGS:
+    for key in [k for _, k, _, _ in RUN_FLAGS] + ["save_embeddings", "force_new", "quiet"]:
         v = getattr(args, key, None)
         if v is not None:
             settings[key] = v
@@ -102,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = make_config(settings_from_args(args), source=args.config or "config")
     try:
-        doc = run(cfg, quiet=args.quiet)
+        doc = run(cfg, quiet=cfg.quiet)
     except RunFailed as e:
         sys.stderr.write(f"protoprune: error: {e}\n")
         return 1

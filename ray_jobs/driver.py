@@ -419,6 +419,8 @@ class Run:
                 prog.update()
             prog.close()
         else:
+            if cfg.strategy != "balanced":
+                raise ValueError(f"strategy '{cfg.strategy}' is not implemented yet")
             quotas = balanced_quotas(counts, n_keep)
             ranges = plan_cluster_ranges(counts, RANGE_ROWS)
             prog = Progress("reduce: keep", len(ranges), None, self.quiet)

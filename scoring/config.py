@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-STRATEGIES = ("hard", "easy", "random", "balanced")
+STRATEGIES = ("hard", "easy", "random", "balanced", "dbp")
+LOG_FORMATS = ("text", "json")
 METRICS = ("cosine", "l2")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -46,6 +47,16 @@ class RunConfig:
     run_id: str = ""
     id_column: str = "id"
     embedding_column: str = "embedding"
+    # raw content instead of precomputed embeddings (issue 4): one of these plus `model`
+    text_column: str | None = None
+    image_column: str | None = None
+    model: str | None = (
+        None  # sentence-transformers dir/name, open_clip/timm/torchvision, module:factory
+    )
+    save_embeddings: bool = False
+    embed_batch_size: int | None = None  # None: sized to memory
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs
+    cpus_per_worker: float | None = None  # None: 1
     k: int = 1000
     metric: str = "cosine"
     kmeans_iters: int = 20
@@ -55,9 +66,15 @@ class RunConfig:
     strategy: str = "hard"
     keep_fraction: float | None = None  # default 0.5 when neither fraction nor count is given
     keep_count: int | None = None
+    dedup_eps: float | None = None  # SemDeDup before the rule (issue 6)
+    dbp_temperature: float = 0.5
+    label_column: str | None = None
     workers: int | None = None  # None: one per GPU, else one per CPU
     address: str | None = None  # None: embedded local Ray
     max_retries: int = 3
+    force_new: bool = False  # start over instead of resuming a run id whose config/input changed
+    quiet: bool = False
+    log_format: str = "text"
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -146,6 +163,34 @@ def validate(cfg: RunConfig) -> None:
             raise _bad("keep_fraction", f, "must be a number with 0 < F <= 1")
     if cfg.keep_count is not None and cfg.keep_count < 0:
         raise _bad("keep_count", cfg.keep_count, "must be >= 0")
+    if cfg.log_format not in LOG_FORMATS:
+        raise _bad("log_format", cfg.log_format, f"must be one of {', '.join(LOG_FORMATS)}")
+    if cfg.text_column is not None and cfg.image_column is not None:
+        raise _bad("image_column", cfg.image_column, "give text_column or image_column, not both")
+    if (cfg.text_column or cfg.image_column) and not cfg.model:
+        raise _bad("model", cfg.model, "text_column/image_column need a model")
+    if cfg.dedup_eps is not None:
+        e = cfg.dedup_eps
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (0 <= e < 1):
+            raise _bad("dedup_eps", e, "must be a number with 0 <= eps < 1")
+    t = cfg.dbp_temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        raise _bad("dbp_temperature", t, "must be a number > 0")
+    for name in ("gpus_per_worker", "cpus_per_worker"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise _bad(name, v, "must be a number >= 0")
+    if cfg.embed_batch_size is not None and (
+        isinstance(cfg.embed_batch_size, bool)
+        or not isinstance(cfg.embed_batch_size, int)
+        or cfg.embed_batch_size < 1
+    ):
+        raise _bad("embed_batch_size", cfg.embed_batch_size, "must be an integer >= 1")
+    for name in ("save_embeddings", "force_new", "quiet"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise TypeError(
+                f"config key '{name}': expected true or false (got {getattr(cfg, name)!r})"
+            )
     if cfg.workers is not None and cfg.workers < 1:
         raise _bad("workers", cfg.workers, "must be at least 1")
     if cfg.max_retries < 0:
