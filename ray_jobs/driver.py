@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from ray_jobs.progress import Progress
+from ray_jobs.progress import configure as configure_progress
 from scoring import manifest
 from scoring.config import RunConfig
 from scoring.prototypes import load_committed, sample_counts
@@ -63,42 +64,7 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-# -- progress ----------------------------------------------------------------------------------
-class Progress:
-    """One bar per stage (rows/s, shards done/failed) on stderr; silent when quiet."""
-
-    def __init__(self, desc: str, total_shards: int, total_rows: int | None, quiet: bool):
-        self.quiet = quiet
-        self.done = self.failed = 0
-        self.total = total_shards
-        self.t0 = time.perf_counter()
-        self.bar = None
-        if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total_rows or total_shards,
-                desc=desc,
-                file=sys.stderr,
-                unit=" rows" if total_rows else " shards",
-                unit_scale=True,
-                dynamic_ncols=True,
-                mininterval=0.5,
-            )
-
-    def update(self, rows: int = 0, failed: bool = False) -> None:
-        if failed:
-            self.failed += 1
-        else:
-            self.done += 1
-        if self.bar is not None:
-            self.bar.update(rows if rows else (0 if failed else 1))
-            self.bar.set_postfix_str(f"shards {self.done}/{self.total} failed {self.failed}")
-
-    def close(self) -> float:
-        if self.bar is not None:
-            self.bar.close()
-        return time.perf_counter() - self.t0
+# -- progress: ray_jobs/progress.py (a bar per stage, log lines, JSON) ------------------------
 
 
 # -- generic scheduling ------------------------------------------------------------------------
@@ -468,6 +434,7 @@ class Run:
 
 def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) a whole pruning job; returns the committed manifest."""
+    configure_progress(log_format=cfg.log_format)
     r = Run(cfg, quiet=quiet)
     r.plan()
     if r.store.exists(manifest.MANIFEST):
@@ -478,4 +445,17 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     r.score(centroids, sha)
     doc = r.reduce(sha)
     r.commit(doc)
+    write_report_logged(r.store)
     return doc
+
+
+def write_report_logged(store: Store) -> str | None:
+    """Write report/index.html; a failure is logged, never raised (the run is committed)."""
+    try:
+        from scoring.report import write_report
+
+        return write_report(store)
+    except Exception as e:  # noqa: BLE001 - the report must not fail a committed run
+        log.error("report not written for %s: %s: %s", store.uri(), type(e).__name__, e)
+        log.debug("report failure", exc_info=True)
+        return None
