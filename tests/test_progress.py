@@ -168,10 +168,3 @@ def test_cli_log_format_json(demo_input):
     assert done["score"]["rows_per_s"] > 0
     assert any(d.get("logger") == "scoring.report" for d in ours)  # report written, logged
     assert (demo_input / "runs" / "js" / "report" / "index.html").exists()
-
-
-def test_cli_quiet(demo_input):
-    r = cli_run(demo_input, "q", "--quiet")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "protoprune.progress" not in r.stderr and "\r" not in r.stderr
-    assert (demo_input / "runs" / "q" / "report" / "index.html").exists()
