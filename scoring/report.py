@@ -307,7 +307,6 @@ def _cluster_examples(
     """The N_EXAMPLES easiest and hardest rows of each top cluster (ties by id)."""
     if not top:
         return {}
-    lo, hi = min(top), max(top)
     parts: dict[int, list[pa.Table]] = {j: [] for j in top}
     for key in keys:
         shard = int(key.rsplit("-", 1)[1].split(".")[0])
@@ -315,7 +314,7 @@ def _cluster_examples(
         col = pf.schema_arrow.get_field_index("cluster")
         for g in range(pf.metadata.num_row_groups):
             st = pf.metadata.row_group(g).column(col).statistics
-            if st is not None and st.has_min_max and (st.max < lo or st.min > hi):
+            if st is not None and st.has_min_max and not any(st.min <= j <= st.max for j in top):
                 continue
             t = pf.read_row_group(g, columns=["id", "cluster", "distance"])
             for j in top:
@@ -836,6 +835,9 @@ def render_html(data: ReportData) -> str:
                 ["stage", "seconds", "rows/s"],
                 {1, 2},
             )
+        )
+        p.append(
+            "<p class=\"note\">rows/s: the run's input rows divided by the stage's seconds.</p>"
         )
     elif not data.finished:
         rate = data.rows_done / data.marker_seconds if data.marker_seconds else 0

@@ -3,6 +3,7 @@ label sections, S3, the CLI, and a render in headless Chromium."""
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import os
@@ -369,3 +370,37 @@ def test_cli_report_subprocess(finished, tmp_path):
     # a missing example column is not fatal: the page says which column and file
     assert bad.returncode == 0
     assert "column &#x27;nope&#x27; not found" in part.get_bytes(report.REPORT_KEY).decode()
+
+
+def test_image_thumbnails(finished, tmp_path):
+    """An image column (PNG bytes) of the input shows as inline thumbnails of the examples."""
+    from PIL import Image
+
+    tmp, store, full = finished
+    run3 = copy_run(store, str(tmp_path / "img"))
+
+    def png(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (200, 120), ((i * 7) % 256, (i * 13) % 256, 90)).save(buf, "PNG")
+        return buf.getvalue()
+
+    src = Store(f"{tmp}/data")
+    dst = Store(str(tmp_path / "imgdata"))
+    for key in src.list(suffix=".parquet"):
+        t = src.read_parquet(key)
+        t = t.append_column("img", pa.array([png(i) for i in t["id"].to_pylist()], pa.binary()))
+        dst.write_parquet(key, t, row_group_size=250)
+    rj = manifest.read_json(run3, manifest.RUN_JSON)
+    rj["input"]["url"] = dst.uri()
+    rj["config"]["image_column"] = "img"
+    manifest.write_json(run3, manifest.RUN_JSON, rj)
+    d = report.collect(run3)
+    ex = [e for v in d.examples.values() for lst in v.values() for e in lst]
+    assert d.example_column == "img" and ex and all(e.is_image for e in ex)
+    for e in ex:
+        assert e.content.startswith("data:image/png;base64,")
+        im = Image.open(io.BytesIO(base64.b64decode(e.content.split(",", 1)[1])))
+        assert max(im.size) == report.THUMB_PX
+        assert im.getpixel((0, 0))[:2] == ((e.id * 7) % 256, (e.id * 13) % 256)
+    page = report.render_html(d)
+    assert len(imgs(page)) >= 3 + len(ex)
