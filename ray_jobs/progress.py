@@ -111,8 +111,8 @@ class Progress:
             self.done += 1
         self.rows += rows
         if self.bar is not None:
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
             self.bar.update(rows if self.total_rows else (0 if failed else 1))
-            self.bar.set_postfix_str(self._postfix())
         elif self.mode == "lines" and self.clock() - self._last_line >= self.interval:
             self._emit("progress")
 
