@@ -476,7 +476,8 @@ def fig_distances(data: ReportData) -> str | None:
     plt = _plt()
     e = data.bin_edges
     fig, ax = plt.subplots(figsize=(8.5, 3.0))
-    ax.stairs(data.hist_all, e, fill=True, color=REMOVED_COLOR, label="all rows")
+    all_label = "all rows" if data.finished else "rows scored so far"
+    ax.stairs(data.hist_all, e, fill=True, color=REMOVED_COLOR, label=all_label)
     if data.hist_kept is not None and len(data.hist_kept):
         ax.stairs(data.hist_kept, e, fill=True, color=KEPT_COLOR, alpha=0.85, label="kept")
     if data.threshold is not None:
@@ -498,14 +499,15 @@ def fig_clusters(data: ReportData) -> str | None:
     rows = data.cluster_rows
     order = np.argsort(-rows, kind="stable")
     x = np.arange(len(rows))
+    grey = "removed" if data.cluster_kept is not None else "rows scored so far"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.0), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     if len(rows) <= 120:
-        ax.bar(x, rows[order], color=REMOVED_COLOR, width=0.9, label="removed")
+        ax.bar(x, rows[order], color=REMOVED_COLOR, width=0.9, label=grey)
         if data.cluster_kept is not None:
             ax.bar(x, data.cluster_kept[order], color=KEPT_COLOR, width=0.9, label="kept")
     else:
-        ax.fill_between(x, rows[order], step="mid", color=REMOVED_COLOR, label="removed")
+        ax.fill_between(x, rows[order], step="mid", color=REMOVED_COLOR, label=grey)
         if data.cluster_kept is not None:
             ax.fill_between(x, data.cluster_kept[order], step="mid", color=KEPT_COLOR, label="kept")
     ax.set_xlabel("clusters, largest first")
@@ -749,7 +751,7 @@ def render_html(data: ReportData) -> str:
     p.append("<h2>Distance to the nearest prototype</h2>")
     if figs.get("dist"):
         cap = (
-            "Grey: all rows; blue: kept rows. "
+            ("Grey: all rows; blue: kept rows. " if data.finished else "Rows scored so far. ")
             + (f"Red line: {_e(data.threshold_label)}. " if data.threshold is not None else "")
             + (
                 "Each cluster has its own cut (per-cluster quotas)."
