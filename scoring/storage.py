@@ -333,7 +333,8 @@ class Store:
             from fsspec.asyn import sync
 
             async def _put():
-                s3 = await fs.get_s3()
+                await fs.set_session()  # the client is created lazily: get_s3() may be None
+                s3 = await fs.get_s3(bucket)
                 return await s3.put_object(Bucket=bucket, Key=obj, Body=data, IfNoneMatch="*")
 
             sync(fs.loop, _put)
