@@ -348,6 +348,13 @@ class Store:
                 or "ConditionalRequestConflict" in text
             ):
                 return False
+            if "NotImplemented" in text or "501" in text:
+                # an S3-compatible server without conditional writes: check, then put
+                log.warning("%s: no conditional PUT on this server; exists+put", self.uri(key))
+                if self.exists(key):
+                    return False
+                self.fs.pipe_file(self.path(key), data)
+                return True
             raise
 
     def delete(self, key: str) -> None:
