@@ -287,7 +287,17 @@ class Run:
         if not todo:
             return
         gpus = cluster_gpus()
-        n_workers = cfg.workers or (gpus if gpus else cluster_cpus())
+        slots = gpus if gpus else cluster_cpus()
+        n_workers = cfg.workers or slots
+        if n_workers > slots:
+            # An actor that cannot be placed never starts; shards sent to it would wait forever.
+            log.warning(
+                "--workers %d > %d worker slots (GPUs, else CPUs) in the cluster; using %d",
+                n_workers,
+                slots,
+                slots,
+            )
+            n_workers = slots
         n_workers = max(1, min(n_workers, len(todo)))
         res = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         actor_cls = ray.remote(max_restarts=cfg.max_retries, max_task_retries=0, **res)(ShardWorker)

@@ -257,6 +257,7 @@ def test_prune_module_entry_point(demo_dir, tmp_path):
     p = cli(
         "--input", demo_dir, "--output", out, "--run-id", "job", "--k", "8",
         "--kmeans-iters", "3", "--strategy", "random", "--keep-fraction", "0.1", "--quiet",
+        "--workers", "3",  # more than the 2 CPUs: must not wait for an actor that never starts
         module="ray_jobs.prune", env=env,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
