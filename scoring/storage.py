@@ -264,7 +264,8 @@ class Store:
             return sorted(self.key_of(p) for p in found)
 
         keys = self._wrap(_do, prefix, "list")
-        return [k for k in keys if k.endswith(suffix)] if suffix else keys
+        # key "" is the root itself (a single-file root): match the suffix on its path
+        return [k for k in keys if (k or self.root).endswith(suffix)] if suffix else keys
 
     def list_details(self, prefix: str = "", suffix: str = "") -> list[dict[str, Any]]:
         """Like list() but with size and etag/mtime, for input fingerprints."""
@@ -284,7 +285,7 @@ class Store:
         out = []
         for d in self._wrap(_do, prefix, "list"):
             key = self.key_of(d["name"])
-            if suffix and not key.endswith(suffix):
+            if suffix and not (key or self.root).endswith(suffix):
                 continue
             version = (
                 d.get("ETag")

@@ -124,3 +124,13 @@ def test_embedding_matrix_errors_name_the_column():
         embedding_matrix(pa.array(["a"]), "f", "emb")
     with pytest.raises(ValueError, match="column 'emb'.*null"):
         embedding_matrix(pa.array([[1.0], None]), "f", "emb")
+
+
+def test_single_file_input(tmp_path):
+    store = Store(str(tmp_path))
+    write_layout(store)
+    one = Store(str(tmp_path / "a.parquet"))
+    _, shards, _ = plan_shards(one, 10)
+    assert {s.file for s in shards} == {""}
+    assert sum(s.rows for s in shards) == sum(LAYOUT["a.parquet"])
+    assert read_shard(one, shards[0], ["id"])["id"].to_pylist()[:3] == [0, 1, 2]

@@ -144,3 +144,13 @@ def test_other_schemes_use_exists_then_put():
     assert store.put_if_absent("a/b", b"1") is True
     assert store.put_if_absent("a/b", b"2") is False
     assert store.get_bytes("a/b") == b"1"
+
+
+def test_single_file_root_is_listed(tmp_path):
+    """A Store rooted at one file lists it as key '' (so `--input file.parquet` works)."""
+    Store(str(tmp_path)).put_bytes("one.parquet", b"x")
+    store = Store(str(tmp_path / "one.parquet"))
+    assert store.list(suffix=".parquet") == [""]
+    assert [d["key"] for d in store.list_details(suffix=".parquet")] == [""]
+    assert store.list(suffix=".json") == []
+    assert store.get_bytes("") == b"x"
