@@ -36,6 +36,10 @@ BAD = [
     ("log_format", "xml", ValueError),
     ("quiet", "yes", TypeError),
     ("storage_options", [1], TypeError),
+    ("run_id", 2026, TypeError),  # YAML `run_id: 2026`
+    ("address", 5, TypeError),
+    ("label_column", 3, TypeError),
+    ("keep_fraction", float("nan"), ValueError),
 ]
 
 
