@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_jobs.driver import run
+from ray_jobs.driver import RunFailed, run
 from scoring.config import RunConfig
 from scoring.storage import Store
 from tests.helpers import clustered, read_all, reference_keep, write_dataset
@@ -132,7 +132,6 @@ CASES = [
     ("local", "str", "large", pa.float64(), "cosine", "easy"),
     ("local", "int", "list", pa.float32(), "cosine", "random"),
     ("local", "int", "fixed", pa.float64(), "l2", "balanced"),
-    ("local", "str", "fixed", pa.float16(), "cosine", "hard"),
 ]
 
 
@@ -185,6 +184,23 @@ def test_keep_count_edges(ray_s3, tmp_path, keep_count, strategy):
     )
     doc = run(cfg, quiet=True)
     check_run(cfg, doc, ids, x, n_files=2)
+
+
+def test_bad_embedding_names_file_and_id_and_commits_nothing(ray_s3, tmp_path):
+    ids, x = dataset("int", seed=5)
+    bad = ids[2500]  # a row of the last of three files
+    x[2500, 3] = np.nan
+    inp = str(tmp_path / "dataset")
+    write_dataset(Store(inp), x, ids, files=3)
+    cfg = RunConfig(
+        input=inp, output=str(tmp_path / "runs"), run_id="bad", k=K, kmeans_iters=2,
+        sample_size=900, shard_rows=600, quiet=True,
+    )  # fmt: skip
+    with pytest.raises((ValueError, RunFailed)) as e:
+        run(cfg, quiet=True)
+    msg = str(e.value)
+    assert "part-002.parquet" in msg and "NaN" in msg and str(bad) in msg
+    assert not Store(cfg.output).child("bad").exists("_MANIFEST.json")
 
 
 # -- the command line, in subprocesses --------------------------------------------------------
