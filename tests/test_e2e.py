@@ -129,8 +129,8 @@ CASES = [
     # where, id kind, embedding list kind, value type, metric, strategy
     ("s3", "int", "fixed", pa.float32(), "cosine", "hard"),
     ("s3", "str", "list", pa.float16(), "l2", "balanced"),
-    ("local", "str", "large", pa.float64(), "cosine", "easy"),
-    ("local", "int", "list", pa.float32(), "cosine", "random"),
+    ("local", "int", "large", pa.float64(), "cosine", "easy"),
+    ("local", "str", "list", pa.float32(), "cosine", "random"),
     ("local", "int", "fixed", pa.float64(), "l2", "balanced"),
 ]
 
