@@ -166,6 +166,15 @@ class Run:
                         f"{self.in_store.uri(key)}: column '{col}' not found "
                         f"(columns: {', '.join(schema.names)})"
                     )
+        # One id type across files: the reducer compares and concatenates ids of all shards.
+        id_types = sorted((k, sc.field(cfg.id_column).type) for k, sc in schemas.items())
+        for key, typ in id_types[1:]:
+            if typ != id_types[0][1]:
+                raise ValueError(
+                    f"{self.in_store.uri(key)}: column '{cfg.id_column}' is {typ}, but "
+                    f"{id_types[0][1]} in {self.in_store.uri(id_types[0][0])}; all files need "
+                    "the same id type"
+                )
         self.shards = shards
         self.n_rows = sum(s.rows for s in shards)
         if self.n_rows == 0:

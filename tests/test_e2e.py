@@ -203,6 +203,19 @@ def test_bad_embedding_names_file_and_id_and_commits_nothing(ray_s3, tmp_path):
     assert not Store(cfg.output).child("bad").exists("_MANIFEST.json")
 
 
+def test_mixed_id_types_are_refused_at_plan_time(tmp_path):
+    from ray_jobs.driver import Run
+
+    x = clustered(40, D, 2)
+    store = Store(str(tmp_path / "in"))
+    write_dataset(store, x[:20], list(range(20)), files=1, prefix="a")
+    write_dataset(store, x[20:], [f"s{i}" for i in range(20)], files=1, prefix="b")
+    cfg = RunConfig(input=store.url, output=str(tmp_path / "out"), run_id="m", k=2)
+    with pytest.raises(ValueError, match=r"b/part-000.parquet: column 'id' is string, but int64"):
+        Run(cfg, quiet=True).plan()
+    assert not os.path.exists(tmp_path / "out")
+
+
 # -- the command line, in subprocesses --------------------------------------------------------
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
