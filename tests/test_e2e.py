@@ -203,6 +203,32 @@ def test_bad_embedding_names_file_and_id_and_commits_nothing(ray_s3, tmp_path):
     assert not Store(cfg.output).child("bad").exists("_MANIFEST.json")
 
 
+def test_rerun_resumes_only_what_is_missing(ray_s3, tmp_path):
+    ids, x = dataset("str", seed=4)
+    inp = str(tmp_path / "dataset")
+    write_dataset(Store(inp), x, ids, files=2)
+    cfg = RunConfig(
+        input=inp, output=str(tmp_path / "runs"), run_id="resume", k=K, kmeans_iters=3,
+        sample_size=800, shard_rows=600, strategy="hard", keep_fraction=0.4, quiet=True,
+    )  # fmt: skip
+    first = run(cfg, quiet=True)
+    store = Store(cfg.output).child("resume")
+    keep1 = set(read_all(store, "keep/")["id"].to_pylist())
+    # an interrupted run: no manifest, no keep list, one shard's score marker missing
+    store.delete("_MANIFEST.json")
+    store.delete("keep")
+    store.delete("_commits/scores/shard-000001.json")
+    kept_scores = {k: store.info(k)["mtime"] for k in store.list("scores/") if "000001" not in k}
+    second = run(cfg, quiet=True)
+    check_run(cfg, second, ids, x, n_files=2)
+    assert set(read_all(store, "keep/")["id"].to_pylist()) == keep1
+    assert second["prototypes_sha256"] == first["prototypes_sha256"]
+    assert {k: store.info(k)["mtime"] for k in kept_scores} == kept_scores  # not rescored
+    # the same run id with another config is refused, naming what changed
+    with pytest.raises(ValueError, match="different config.*strategy"):
+        run(RunConfig(**{**cfg.__dict__, "strategy": "easy"}), quiet=True)
+
+
 def test_mixed_id_types_are_refused_at_plan_time(tmp_path):
     from ray_jobs.driver import Run
 
