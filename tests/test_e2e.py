@@ -251,13 +251,19 @@ def cli_env() -> dict[str, str]:
 
 
 def cli(*args: str, module: str = "ray_jobs.cli", env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        env=env or cli_env(),
-        timeout=300,
-    )
+    own = env is None
+    env = env or cli_env()
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+    finally:
+        if own:
+            shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
