@@ -132,6 +132,15 @@ class Run:
                         f"{self.in_store.uri(key)}: column '{col}' not found "
                         f"(columns: {', '.join(schema.names)})"
                     )
+        # One id type across files: the reducer compares and concatenates ids of all shards.
+        id_types = sorted((k, sc.field(cfg.id_column).type) for k, sc in schemas.items())
+        for key, typ in id_types[1:]:
+            if typ != id_types[0][1]:
+                raise ValueError(
+                    f"{self.in_store.uri(key)}: column '{cfg.id_column}' is {typ}, but "
+                    f"{id_types[0][1]} in {self.in_store.uri(id_types[0][0])}; all files need "
+                    "the same id type"
+                )
         self.shards = shards
         self.n_rows = sum(s.rows for s in shards)
         if self.n_rows == 0:
@@ -253,7 +262,17 @@ class Run:
         if not todo:
             return
         gpus = cluster_gpus()
-        n_workers = cfg.workers or (gpus if gpus else cluster_cpus())
+        slots = gpus if gpus else cluster_cpus()
+        n_workers = cfg.workers or slots
+        if n_workers > slots:
+            # An actor that cannot be placed never starts; shards sent to it would wait forever.
+            log.warning(
+                "--workers %d > %d worker slots (GPUs, else CPUs) in the cluster; using %d",
+                n_workers,
+                slots,
+                slots,
+            )
+            n_workers = slots
         n_workers = max(1, min(n_workers, len(todo)))
         res = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         actor_cls = ray.remote(max_restarts=cfg.max_retries, max_task_retries=0, **res)(ShardWorker)
