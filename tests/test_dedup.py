@@ -127,3 +127,41 @@ def test_end_to_end_dedup_then_rule(ray_local, pool, strategy, fraction):
     assert set(got) == want
     if fraction > 0.9:  # fewer survivors than n_keep: all of them are kept
         assert doc["rows_kept"] == len(surv) < doc["n_keep"]
+
+
+def test_range_pass_with_tiny_blocks(ray_local, pool):
+    """The range pass itself (clusters gathered from every shard), with blocks of 7 rows so
+    every cluster spans many blocks, against the brute-force reference."""
+    from ray_jobs.driver import run
+    from scoring.annotate import annotate_range, annotated_key
+    from scoring.percentile import PercentileBins, level1_histogram
+
+    tmp, x, ids = pool
+    cfg = make_config(
+        dict(
+            input=str(tmp / "in"),
+            output=str(tmp / "out"),
+            run_id="dd-blocks",
+            k=6,
+            strategy="easy",
+            keep_fraction=0.5,
+            dedup_eps=0.002,
+            shard_rows=200,
+            quiet=True,
+        )
+    )
+    doc = run(cfg, quiet=True)
+    runs = Store(str(tmp / "out" / "dd-blocks"))
+    shards = sorted(int(k[-14:-8]) for k in runs.list("scores", suffix=".parquet"))
+    assert len(shards) >= 6
+    sc = all_scores(runs)
+    sid, cl, dist = sc["id"].to_pylist(), sc["cluster"].to_numpy(), sc["distance"].to_numpy()
+    bins = PercentileBins(level1_histogram(dist))
+    res = annotate_range(runs, shards, 99, 0, 6, 6, bins, 0.002, None, 7)
+    pos = {v: i for i, v in enumerate(ids)}
+    surv = dedup_survivors(sid, cl, dist, x[[pos[v] for v in sid]], 0.002)
+    t = runs.read_parquet(annotated_key(99))
+    flagged = {i for i, d in zip(t["id"].to_pylist(), t["duplicate"].to_pylist()) if d}
+    assert flagged == set(sid) - surv and t.num_rows == len(ids)
+    assert int(res["removed"].sum()) == doc["dedup"]["removed"] == len(ids) - len(surv)
+    assert max(np.bincount(cl)) > 7 * 20  # clusters far larger than one block
