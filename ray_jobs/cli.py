@@ -160,6 +160,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "strategy": doc["strategy"],
         "keep_files": len(doc["files"]),
     }
+    if doc.get("dedup"):
+        out["duplicates_removed"] = doc["dedup"]["removed"]
     print(json.dumps(out))
     return 0
 

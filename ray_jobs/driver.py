@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from scoring import manifest
-from scoring.annotate import annotated_key
 from scoring.config import RunConfig
 from scoring.prototypes import load_committed, sample_counts
 from scoring.select import ThresholdSearch, balanced_quotas, key_bits, plan_cluster_ranges
@@ -404,6 +403,7 @@ class Run:
         labels_surv: Counter = Counter()
         labels_kept: Counter = Counter()
         files: list[dict[str, Any]] = []
+        annotated: list[str] = []
 
         def _collect(res: dict[str, Any]) -> None:
             nonlocal kept
@@ -424,6 +424,8 @@ class Run:
             removed += res["removed"]
             labels_in.update(res["labels"])
             labels_surv.update(res["survivor_labels"])
+            if res["annotated"]:
+                annotated.append(res["annotated"])
             if quotas_now is not None:
                 _collect(res)
             prog.update()
@@ -486,7 +488,7 @@ class Run:
                 "mean_distance": [round(float(x), 6) for x in mean_dist],
             },
             "files": files,
-            "annotated": [annotated_key(p) for p in parts if self.store.exists(annotated_key(p))],
+            "annotated": sorted(annotated),
             **extra,
         }
 

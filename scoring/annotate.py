@@ -125,6 +125,7 @@ def annotate_range(
         "entry": None,
         "kept": np.zeros(k, np.int64),
         "kept_labels": {},
+        "annotated": None,
     }
     if t is None or t.num_rows == 0:
         return res
@@ -138,6 +139,7 @@ def annotate_range(
         dup = dedup_sorted(t["cluster"].to_numpy(), x, float(dedup_eps), block)
         t = t.append_column("duplicate", pa.array(dup))
     run_store.write_parquet(annotated_key(part), t, row_group_size=SCORE_ROW_GROUP)
+    res["annotated"] = annotated_key(part)
     live = survivors(t)
     cl = live["cluster"].to_numpy()
     res["survivors"] = np.bincount(cl, minlength=k).astype(np.int64)

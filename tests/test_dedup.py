@@ -114,6 +114,10 @@ def test_end_to_end_dedup_then_rule(ray_local, pool, strategy, fraction):
     assert flagged == set(sid) - surv
     assert sorted(ann["id"].to_pylist()) == sorted(ids)
     assert doc["dedup"]["removed"] == n - len(surv) and doc["dedup"]["survivors"] == len(surv)
+    assert doc["annotated"] == runs.list("annotated", suffix=".parquet")
+    assert runs.list("embeddings", suffix=".parquet") == [
+        k.replace("scores/", "embeddings/") for k in runs.list("scores", suffix=".parquet")
+    ]
     # n_keep stays floor(F x N) of the original N
     assert doc["n_keep"] == int(fraction * n)
     keep = read_all(runs, "keep")

@@ -110,3 +110,13 @@ def test_evaluate_errors_are_one_line(labelled_run, tmp_path):
     assert p.returncode == 2 and "_MANIFEST.json" in p.stderr and "Traceback" not in p.stderr
     p = _cli("evaluate", str(tmp / "out" / "ev"), "--label-column", "species")
     assert p.returncode == 2 and "'species'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_run_with_a_missing_label_column_fails_naming_it(labelled_run, tmp_path):
+    tmp, *_ = labelled_run
+    p = _cli(
+        "run", "--input", str(tmp / "in"), "--output", str(tmp_path), "--run-id", "bad",
+        "--k", "3", "--label-column", "species", "--quiet",
+    )  # fmt: skip
+    assert p.returncode == 2 and "'species'" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "bad" / "_MANIFEST.json").exists()
