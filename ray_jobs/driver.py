@@ -418,7 +418,10 @@ class Run:
              cfg.dedup_eps, quotas_now)
             for part, (lo, hi) in enumerate(ranges)
         ]  # fmt: skip
-        for _, res in map_tasks(call_fn, args, par):
+        # dedup's block products run on a GPU when the cluster has one (Ray hides GPUs from
+        # tasks that do not ask for one)
+        gpu = 1 if dedup and cluster_gpus() > 0 else 0
+        for _, res in map_tasks(call_fn, args, max(1, cluster_gpus()) if gpu else par, 1, gpu):
             surv += res["survivors"]
             surv_dist += res["survivor_dist_sum"]
             removed += res["removed"]
