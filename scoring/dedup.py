@@ -34,52 +34,108 @@ def rounding_bound(d: int) -> float:
     return max(1e-5, 4.0 * d * 2.0**-24)
 
 
-def duplicate_flags(
-    x: np.ndarray, eps: float, block: int = DEFAULT_BLOCK, device=None
-) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length in float32 (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    return (x / np.where(norms > 0, norms, 1.0)[:, None].astype(np.float32)).astype(np.float32)
+
+
+def max_earlier(q, q0: int, c, c0: int, block: int, dev) -> np.ndarray:
+    """For each row i of q (global rank q0 + i): max cosine to the rows j of c (global rank
+    c0 + j) with c0 + j < q0 + i; -inf when there is none. q, c: unit float32 torch tensors.
+    Products are block x block."""
+    import torch
+
+    nq, nc = q.shape[0], c.shape[0]
+    out = np.empty(nq, np.float64)
+    with torch.no_grad():
+        for b0 in range(0, nq, block):
+            b1 = min(nq, b0 + block)
+            m = torch.full((b1 - b0,), -float("inf"), device=dev)
+            last = min(nc, q0 + b1 - 1 - c0)  # columns at or after the last row never count
+            for a0 in range(0, max(last, 0), block):
+                a1 = min(last, a0 + block)
+                s = q[b0:b1] @ c[a0:a1].T
+                if c0 + a1 > q0 + b0:  # some column is not earlier than some row: mask
+                    ri = torch.arange(q0 + b0, q0 + b1, device=dev)[:, None]
+                    cj = torch.arange(c0 + a0, c0 + a1, device=dev)[None, :]
+                    s = s.masked_fill(cj >= ri, -float("inf"))
+                m = torch.maximum(m, s.max(dim=1).values)
+            out[b0:b1] = m.double().cpu().numpy()
+    return out
+
+
+def duplicate_flags(x: np.ndarray, eps: float, block: int = DEFAULT_BLOCK, device=None) -> np.ndarray:
     """Duplicate flags of rows already in rank order (hardest first). x: float [n, d]."""
     import torch
 
     n = len(x)
     out = np.zeros(n, dtype=bool)
-    if n <= 1:
-        return out
     if block < 1:
         raise ValueError(f"dedup block size must be >= 1 (got {block})")
+    if n <= 1:
+        return out
     x = np.asarray(x, np.float32)
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
-    safe = np.where(norms > 0, norms, 1.0)
-    unit = (x / safe[:, None].astype(np.float32)).astype(np.float32)
     dev = device or _device()
-    xt = torch.from_numpy(unit).to(dev)
+    xt = torch.from_numpy(unit_rows(x)).to(dev)
     thr = 1.0 - float(eps)
-    best = np.empty(n, np.float64)
-    with torch.no_grad():
-        for b0 in range(0, n, block):
-            b1 = min(n, b0 + block)
-            q = xt[b0:b1]
-            m = torch.full((b1 - b0,), -float("inf"), device=dev)
-            for c0 in range(0, b1, block):
-                c1 = min(b1, c0 + block)
-                s = q @ xt[c0:c1].T
-                if c1 > b0:  # the diagonal block: only earlier rows (j < i) count
-                    ri = torch.arange(b0, b1, device=dev)[:, None]
-                    cj = torch.arange(c0, c1, device=dev)[None, :]
-                    s = s.masked_fill(cj >= ri, -float("inf"))
-                m = torch.maximum(m, s.max(dim=1).values)
-            best[b0:b1] = m.double().cpu().numpy()
+    best = max_earlier(xt, 0, xt, 0, block, dev)
     out = best >= thr
-    tol = rounding_bound(x.shape[1])
-    unsure = np.flatnonzero(np.abs(best - thr) <= tol)
+    unsure = np.flatnonzero(np.abs(best - thr) <= rounding_bound(x.shape[1]))
     if len(unsure):
-        x64 = x.astype(np.float64) / safe[:, None]
+        x64 = exact_unit(x)
         for i in unsure:
-            if i == 0:
-                out[i] = False
-                continue
-            out[i] = bool((x64[:i] @ x64[i]).max() >= thr)
+            out[i] = bool(i > 0 and (x64[:i] @ x64[i]).max() >= thr)
     out[0] = False
     return out
+
+
+def exact_unit(x: np.ndarray) -> np.ndarray:
+    x64 = np.asarray(x, np.float64)
+    norms = np.linalg.norm(x64, axis=1)
+    return x64 / np.where(norms > 0, norms, 1.0)[:, None]
+
+
+def streamed_flags(n: int, load_chunk, chunk_rows: int, d: int, eps: float, block: int):
+    """Duplicate flags of n rank-ordered rows that do not fit in memory together.
+
+    `load_chunk(c)` returns the raw float32 embeddings of ranks [c*chunk_rows, (c+1)*chunk_rows).
+    Each query chunk is compared with itself and every earlier chunk, loaded one at a time, so
+    memory is two chunks plus one block x block product; rows within the rounding bound are
+    re-decided in float64 by a second sweep over the earlier chunks.
+    """
+    import torch
+
+    dev = _device()
+    thr = 1.0 - float(eps)
+    tol = rounding_bound(d)
+    flags = np.zeros(n, dtype=bool)
+    chunks = (n + chunk_rows - 1) // chunk_rows
+    for qc in range(chunks):
+        q_raw = load_chunk(qc)
+        q0 = qc * chunk_rows
+        q = torch.from_numpy(unit_rows(q_raw)).to(dev)
+        best = np.full(len(q_raw), -np.inf)
+        for cc in range(qc + 1):
+            c = q if cc == qc else torch.from_numpy(unit_rows(load_chunk(cc))).to(dev)
+            best = np.maximum(best, max_earlier(q, q0, c, cc * chunk_rows, block, dev))
+        f = best >= thr
+        unsure = np.flatnonzero(np.abs(best - thr) <= tol)
+        if len(unsure):
+            xq = exact_unit(q_raw[unsure])
+            b64 = np.full(len(unsure), -np.inf)
+            for cc in range(qc + 1):
+                xc = exact_unit(q_raw if cc == qc else load_chunk(cc))
+                s = xq @ xc.T
+                rows = (q0 + unsure)[:, None]
+                cols = (cc * chunk_rows + np.arange(len(xc)))[None, :]
+                s[cols >= rows] = -np.inf
+                b64 = np.maximum(b64, s.max(axis=1) if s.shape[1] else b64)
+            f[unsure] = b64 >= thr
+        flags[q0 : q0 + len(q_raw)] = f
+    flags[:1] = False
+    return flags
 
 
 def dedup_sorted(
