@@ -27,7 +27,9 @@ log = logging.getLogger("protoprune")
 
 IN_FLIGHT_PER_WORKER = 2
 RANGE_ROWS = 4_000_000  # rows per cluster range in the per-cluster reduce
-DEDUP_RANGE_FLOATS = 1 << 28  # with dedup: at most ~1 GiB of float32 embeddings per range
+DEDUP_RANGE_FLOATS = 1 << 28  # with dedup: at most ~1 GiB of float32 embeddings per range;
+# a single cluster above it is deduplicated through spilled chunks (scoring.annotate)
+DEDUP_BLOCK = 4096  # rows per block of the dedup similarity products
 
 
 class RunFailed(RuntimeError):
@@ -413,9 +415,15 @@ class Run:
                 files.append(res["entry"])
 
         prog = Progress("reduce: ranges", len(ranges), None, self.quiet)
+        dim = int(centroids.shape[1]) if centroids is not None else 0
+
+        def _stream(lo: int, hi: int) -> int | None:  # one cluster too large for memory
+            big = dedup and hi - lo == 1 and int(counts[lo]) * dim > DEDUP_RANGE_FLOATS
+            return dim if big else None
+
         args = [
             ("scoring.annotate", "annotate_range", self.store, idx, part, lo, hi, k, bins,
-             cfg.dedup_eps, quotas_now)
+             cfg.dedup_eps, quotas_now, DEDUP_BLOCK, _stream(lo, hi), DEDUP_RANGE_FLOATS)
             for part, (lo, hi) in enumerate(ranges)
         ]  # fmt: skip
         # dedup's block products run on a GPU when the cluster has one (Ray hides GPUs from

@@ -38,19 +38,35 @@ def annotated_key(part: int) -> str:
     return f"annotated/part-{part:06d}.parquet"
 
 
+DEDUP_MEMORY_FLOATS = 1 << 28  # a cluster with more embedding floats streams through storage
+
+
+def _groups(pf, lo: int, hi: int) -> list[int]:
+    """Row groups of a cluster-sorted file that may hold clusters in [lo, hi)."""
+    col = pf.schema_arrow.get_field_index("cluster")
+    groups = []
+    for g in range(pf.metadata.num_row_groups):
+        st = pf.metadata.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max or (st.max >= lo and st.min < hi):
+            groups.append(g)
+    return groups
+
+
 def read_range(
-    run_store: Store, shard_indices: list[int], lo: int, hi: int, with_embeddings: bool
+    run_store: Store,
+    shard_indices: list[int],
+    lo: int,
+    hi: int,
+    with_embeddings: bool,
+    provenance: bool = False,
 ) -> tuple[pa.Table | None, np.ndarray | None]:
-    """Score rows with lo <= cluster < hi from all shards (+ their embeddings, same rows)."""
+    """Score rows with lo <= cluster < hi from all shards (+ their embeddings, same rows).
+    With `provenance`, the columns _shard and _pos (row position among the shard's rows of
+    the range) are added."""
     parts, embs = [], []
     for s in shard_indices:
         pf = pq.ParquetFile(run_store.open(score_key(s)))
-        col = pf.schema_arrow.get_field_index("cluster")
-        groups = []
-        for g in range(pf.metadata.num_row_groups):
-            st = pf.metadata.row_group(g).column(col).statistics
-            if st is None or not st.has_min_max or (st.max >= lo and st.min < hi):
-                groups.append(g)
+        groups = _groups(pf, lo, hi)
         if not groups:
             continue
         t = pf.read_row_groups(groups)
@@ -75,7 +91,11 @@ def read_range(
             col_e = e["embedding"].combine_chunks()
             d = col_e.type.list_size
             embs.append(col_e.flatten().to_numpy(zero_copy_only=False).reshape(-1, d))
-        parts.append(t.filter(mask))
+        t = t.filter(mask)
+        if provenance:
+            t = t.append_column("_shard", pa.array(np.full(t.num_rows, s, np.int64)))
+            t = t.append_column("_pos", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+        parts.append(t)
     if not parts:
         return None, None
     x = np.concatenate(embs) if with_embeddings else None
@@ -112,10 +132,19 @@ def annotate_range(
     dedup_eps: float | None,
     quotas: np.ndarray | None = None,
     block: int = DEFAULT_BLOCK,
+    stream_dim: int | None = None,
+    memory: int = DEDUP_MEMORY_FLOATS,
 ) -> dict[str, Any]:
     """Write annotated/part-RRRRRR.parquet for clusters [lo, hi); with `quotas` (per-cluster
-    rule, no dedup pending) also write keep/part-RRRRRR.parquet. Returns k-vectors and counts."""
-    t, x = read_range(run_store, shard_indices, lo, hi, dedup_eps is not None)
+    rule, no dedup pending) also write keep/part-RRRRRR.parquet. Returns k-vectors and counts.
+
+    `stream_dim` (the embedding width) marks a range of one cluster whose embeddings exceed
+    `memory` floats: it is deduplicated through spilled rank-ordered chunks (see
+    `_streamed_dedup`) instead of in memory."""
+    stream = stream_dim is not None and dedup_eps is not None
+    t, x = read_range(
+        run_store, shard_indices, lo, hi, dedup_eps is not None and not stream, stream
+    )
     res: dict[str, Any] = {
         "survivors": np.zeros(k, np.int64),
         "survivor_dist_sum": np.zeros(k, np.float64),
@@ -133,10 +162,15 @@ def annotate_range(
         t, sort_keys=[("cluster", "ascending"), ("distance", "descending"), ("id", "ascending")]
     )
     t = t.take(idx)
-    t = t.append_column("percentile", pa.array(bins.percentile(t["distance"].to_numpy())))
-    if dedup_eps is not None:
+    dup = None
+    if stream:
+        dup = _streamed_dedup(run_store, part, t, float(dedup_eps), stream_dim, memory, block)
+        t = t.drop_columns(["_shard", "_pos"])
+    elif dedup_eps is not None:
         x = x[idx.to_numpy()]
         dup = dedup_sorted(t["cluster"].to_numpy(), x, float(dedup_eps), block)
+    t = t.append_column("percentile", pa.array(bins.percentile(t["distance"].to_numpy())))
+    if dup is not None:
         t = t.append_column("duplicate", pa.array(dup))
     run_store.write_parquet(annotated_key(part), t, row_group_size=SCORE_ROW_GROUP)
     res["annotated"] = annotated_key(part)
@@ -152,6 +186,57 @@ def annotate_range(
     if quotas is not None:
         res.update(_keep_from(run_store, part, live, quotas, k))
     return res
+
+
+def _streamed_dedup(
+    run_store: Store, part: int, t: pa.Table, eps: float, d: int, memory: int, block: int
+) -> np.ndarray:
+    """Dedup of one cluster too large for memory. `t` is sorted by rank and carries _shard and
+    _pos. Each shard's embeddings of the cluster are read once and spilled, by rank chunk, to
+    `_tmp/dedup/part-RRRRRR/`; the chunks are then compared pairwise (see
+    dedup.streamed_flags) and the spill is deleted."""
+    import io
+
+    from scoring.dedup import streamed_flags
+
+    n = t.num_rows
+    lo = int(t["cluster"][0].as_py())
+    chunk_rows = max(1, memory // (2 * d))
+    tmp = f"_tmp/dedup/part-{part:06d}"
+    run_store.delete(tmp)
+    shard_of = t["_shard"].to_numpy()
+    pos = t["_pos"].to_numpy()
+    rank = np.arange(n)
+    for s in np.unique(shard_of):
+        sel = shard_of == s
+        sf = pq.ParquetFile(run_store.open(score_key(int(s))))
+        groups = _groups(sf, lo, lo + 1)
+        cl = sf.read_row_groups(groups, columns=["cluster"])["cluster"]
+        ef = pq.ParquetFile(run_store.open(embeddings_key(int(s))))
+        e = ef.read_row_groups(groups).filter(pc.equal(cl, lo))["embedding"].combine_chunks()
+        x = e.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)[pos[sel]]
+        r = rank[sel]
+        for c in np.unique(r // chunk_rows):
+            m = (r // chunk_rows) == c
+            buf = io.BytesIO()
+            np.savez(buf, rank=r[m], x=x[m])
+            run_store.put_bytes(f"{tmp}/chunk-{int(c):06d}/shard-{int(s):06d}.npz", buf.getvalue())
+
+    def load_chunk(c: int) -> np.ndarray:
+        ranks, xs = [], []
+        for key in run_store.list(f"{tmp}/chunk-{c:06d}/", suffix=".npz"):
+            z = np.load(io.BytesIO(run_store.get_bytes(key)))
+            ranks.append(z["rank"])
+            xs.append(z["x"])
+        r, x = np.concatenate(ranks), np.concatenate(xs)
+        expect = min(chunk_rows, n - c * chunk_rows)
+        assert len(r) == expect, f"spilled chunk {c}: {len(r)} rows, expected {expect}"
+        return x[np.argsort(r)]
+
+    try:
+        return streamed_flags(n, load_chunk, chunk_rows, d, eps, block)
+    finally:
+        run_store.delete(tmp)
 
 
 def _keep_from(run_store: Store, part: int, live: pa.Table, quotas, k: int) -> dict[str, Any]:

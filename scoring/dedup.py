@@ -66,7 +66,9 @@ def max_earlier(q, q0: int, c, c0: int, block: int, dev) -> np.ndarray:
     return out
 
 
-def duplicate_flags(x: np.ndarray, eps: float, block: int = DEFAULT_BLOCK, device=None) -> np.ndarray:
+def duplicate_flags(
+    x: np.ndarray, eps: float, block: int = DEFAULT_BLOCK, device=None
+) -> np.ndarray:
     """Duplicate flags of rows already in rank order (hardest first). x: float [n, d]."""
     import torch
 

@@ -169,3 +169,15 @@ def test_range_pass_with_tiny_blocks(ray_local, pool):
     assert flagged == set(sid) - surv and t.num_rows == len(ids)
     assert int(res["removed"].sum()) == doc["dedup"]["removed"] == len(ids) - len(surv)
     assert max(np.bincount(cl)) > 7 * 20  # clusters far larger than one block
+
+    # a cluster "larger than memory": streamed through spilled chunks of 37 rows
+    for j in range(6):
+        res = annotate_range(
+            runs, shards, 200 + j, j, j + 1, 6, bins, 0.002, None, 5, 16, 2 * 16 * 37
+        )
+        t = runs.read_parquet(annotated_key(200 + j))
+        assert t.num_rows == int((cl == j).sum()) > 2 * 37
+        flagged = {i for i, d in zip(t["id"].to_pylist(), t["duplicate"].to_pylist()) if d}
+        assert flagged == {i for i, c in zip(sid, cl) if c == j} - surv
+        assert int(res["removed"][j]) == len(flagged)
+    assert not runs.list("_tmp")  # the spill is deleted
