@@ -78,8 +78,12 @@ def pool(tmp_path_factory):
 @pytest.mark.parametrize(
     "strategy,fraction", [("hard", 0.45), ("balanced", 0.45), ("random", 0.95)]
 )
-def test_end_to_end_dedup_then_rule(ray_local, pool, strategy, fraction):
+def test_end_to_end_dedup_then_rule(ray_local, pool, strategy, fraction, monkeypatch):
+    from ray_jobs import driver
     from ray_jobs.driver import run
+
+    if strategy == "hard":  # every cluster "larger than memory": the streamed path
+        monkeypatch.setattr(driver, "DEDUP_RANGE_FLOATS", 16 * 100)
 
     tmp, x, ids = pool
     eps = 0.002
@@ -115,6 +119,8 @@ def test_end_to_end_dedup_then_rule(ray_local, pool, strategy, fraction):
     assert sorted(ann["id"].to_pylist()) == sorted(ids)
     assert doc["dedup"]["removed"] == n - len(surv) and doc["dedup"]["survivors"] == len(surv)
     assert doc["annotated"] == runs.list("annotated", suffix=".parquet")
+    if strategy == "hard":
+        assert doc["cluster_ranges"] == 6 and not runs.list("_tmp")
     assert runs.list("embeddings", suffix=".parquet") == [
         k.replace("scores/", "embeddings/") for k in runs.list("scores", suffix=".parquet")
     ]
