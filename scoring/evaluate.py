@@ -86,7 +86,10 @@ def _read_test(url: str, cfg: dict[str, Any], label_column: str, storage_options
 
 def probe_accuracy(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> float:
     """Held-out accuracy of a logistic regression trained on (xtr, ytr)."""
-    from sklearn.linear_model import LogisticRegression
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise ValueError("evaluate needs scikit-learn: pip install 'protoprune[eval]'") from None
 
     labels = {str(v) for v in ytr}
     if len(labels) < 2:
