@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="prune (or resume) a dataset")
     add_run_flags(r)
+    e = sub.add_parser("evaluate", help="linear probe: keep list vs random subsets of its size")
+    e.add_argument("run", help="the run folder, <output>/<run_id>")
+    e.add_argument("--label-column", required=True, help="label column in the input")
+    e.add_argument("--seeds", type=int, default=3, help="random subsets to compare (default 3)")
+    e.add_argument("--test-fraction", type=float, default=0.2, help="hash-split held-out share")
+    e.add_argument("--test-input", default=None, help="a separate labelled held-out dataset")
     d = sub.add_parser("demo", help="write a small demo dataset")
     d.add_argument("dir", help="folder or bucket URL to write into")
     d.add_argument("--rows", type=int, default=200_000)
@@ -177,6 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "strategy": doc["strategy"],
         "keep_files": len(doc["files"]),
     }
+    if doc.get("dedup"):
+        out["duplicates_removed"] = doc["dedup"]["removed"]
     print(json.dumps(out))
     return 0
 
@@ -214,7 +222,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "report": cmd_report}
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from scoring.evaluate import evaluate_run
+
+    out = evaluate_run(
+        args.run,
+        args.label_column,
+        seeds=args.seeds,
+        test_fraction=args.test_fraction,
+        test_input=args.test_input,
+    )
+    print(json.dumps(out))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "report": cmd_report, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

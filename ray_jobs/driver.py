@@ -28,6 +28,9 @@ log = logging.getLogger("protoprune")
 
 IN_FLIGHT_PER_WORKER = 2
 RANGE_ROWS = 4_000_000  # rows per cluster range in the per-cluster reduce
+DEDUP_RANGE_FLOATS = 1 << 28  # with dedup: at most ~1 GiB of float32 embeddings per range;
+# a single cluster above it is deduplicated through spilled chunks (scoring.annotate)
+DEDUP_BLOCK = 4096  # rows per block of the dedup similarity products
 
 
 class RunFailed(RuntimeError):
@@ -126,7 +129,7 @@ class Run:
         cfg = self.cfg
         files, shards, schemas = plan_shards(self.in_store, cfg.shard_rows)
         for key, schema in schemas.items():
-            for col in (cfg.id_column, cfg.embedding_column):
+            for col in (cfg.id_column, cfg.embedding_column, *filter(None, [cfg.label_column])):
                 if col not in schema.names:
                     raise ValueError(
                         f"{self.in_store.uri(key)}: column '{col}' not found "
@@ -331,8 +334,12 @@ class Run:
             raise RunFailed(f"{len(failures)} shard(s) failed, no manifest committed: {names}")
 
     # ---- reduce
-    def reduce(self, sha: str) -> dict[str, Any]:
-        from ray_jobs.workers import call
+    def reduce(self, sha: str, centroids: np.ndarray | None = None) -> dict[str, Any]:
+        """Stats pass, percentile refinement, the range pass (percentile + dedup), the rule."""
+        from collections import Counter
+
+        from ray_jobs.workers import call, call_fn
+        from scoring.percentile import PercentileBins
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -341,87 +348,122 @@ class Run:
         par = 2 * cluster_cpus()
         counts = np.zeros(k, np.int64)
         dist_sum = np.zeros(k, np.float64)
+        hist = np.zeros(1 << 16, np.int64)
         prog = Progress("reduce: stats", len(idx), None, self.quiet)
         for _, st in map_tasks(call, [("shard_stats", self.store, i, k) for i in idx], par):
             counts += st["counts"]
             dist_sum += st["dist_sum"]
+            hist += st["hist"]
             prog.update()
         prog.close()
         n = int(counts.sum())
         assert n == self.n_rows, f"scores hold {n} rows, the input {self.n_rows}"
         n_keep = cfg.n_keep(n)
+        bins = PercentileBins(hist)
+        while (req := bins.refine_request()) is not None:
+            prefixes, low_bits = req
+            sub = np.zeros((len(prefixes), 256), np.int64)
+            args = [("shard_refine", self.store, i, prefixes, low_bits) for i in idx]
+            for _, h in map_tasks(call, args, par):
+                sub += h
+            bins.apply_refinement(prefixes, low_bits, sub)
+        extra: dict[str, Any] = {"percentile": bins.info()}
+
+        dedup = cfg.dedup_eps is not None
+        per_cluster = cfg.strategy in ("balanced", "dbp")
+        if cfg.strategy not in ("hard", "easy", "random", "balanced", "dbp"):
+            raise ValueError(f"strategy '{cfg.strategy}' is not implemented")
+        max_rows = RANGE_ROWS
+        if dedup and centroids is not None:
+            max_rows = max(1, min(RANGE_ROWS, DEDUP_RANGE_FLOATS // max(1, centroids.shape[1])))
+        ranges = plan_cluster_ranges(counts, max_rows)
+        extra["cluster_ranges"] = len(ranges)
+        quotas_now = None
+        if per_cluster and not dedup:
+            quotas_now, info = self._quotas(counts, dist_sum, n_keep, centroids)
+            extra.update(info)
+        surv = np.zeros(k, np.int64)
+        surv_dist = np.zeros(k, np.float64)
+        removed = np.zeros(k, np.int64)
         kept = np.zeros(k, np.int64)
+        labels_in: Counter = Counter()
+        labels_surv: Counter = Counter()
+        labels_kept: Counter = Counter()
         files: list[dict[str, Any]] = []
-        extra: dict[str, Any] = {}
-        if cfg.strategy in ("hard", "easy", "random"):
-            search = ThresholdSearch(n_keep, n, key_bits(cfg.strategy))
-            while (req := search.request()) is not None:
-                mode, prefix, bits, limit = req
-                tot = key_bits(cfg.strategy)
-                if mode == "hist":
-                    args = [
-                        (
-                            "shard_histogram",
-                            self.store,
-                            i,
-                            cfg.strategy,
-                            cfg.seed,
-                            prefix,
-                            bits,
-                            tot,
-                        )
-                        for i in idx
-                    ]
-                    for _, h in map_tasks(call, args, par):
-                        search.add_histogram(h)
-                else:
-                    args = [
-                        (
-                            "shard_candidates",
-                            self.store,
-                            i,
-                            cfg.strategy,
-                            cfg.seed,
-                            prefix,
-                            bits,
-                            tot,
-                            limit,
-                        )
-                        for i in idx
-                    ]
-                    for _, t in map_tasks(call, args, par):
-                        search.add_candidates(t)
-                search.advance()
-            th = search.result
-            extra["threshold"] = th.to_json()
-            extra["select_passes"] = search.passes
-            prog = Progress("reduce: keep", len(idx), None, self.quiet)
-            args = [("keep_global", self.store, i, cfg.strategy, cfg.seed, th, k) for i in idx]
-            for _, (entry, kc) in map_tasks(call, args, par):
-                kept += kc
-                if entry:
-                    files.append(entry)
-                prog.update()
-            prog.close()
-        else:
-            if cfg.strategy != "balanced":
-                raise ValueError(f"strategy '{cfg.strategy}' is not implemented yet")
-            quotas = balanced_quotas(counts, n_keep)
-            ranges = plan_cluster_ranges(counts, RANGE_ROWS)
-            prog = Progress("reduce: keep", len(ranges), None, self.quiet)
+        annotated: list[str] = []
+
+        def _collect(res: dict[str, Any]) -> None:
+            nonlocal kept
+            kept = kept + res["kept"]
+            labels_kept.update(res["kept_labels"])
+            if res["entry"]:
+                files.append(res["entry"])
+
+        prog = Progress("reduce: ranges", len(ranges), None, self.quiet)
+        dim = int(centroids.shape[1]) if centroids is not None else 0
+
+        def _stream(lo: int, hi: int) -> int | None:  # one cluster too large for memory
+            big = dedup and hi - lo == 1 and int(counts[lo]) * dim > DEDUP_RANGE_FLOATS
+            return dim if big else None
+
+        args = [
+            ("scoring.annotate", "annotate_range", self.store, idx, part, lo, hi, k, bins,
+             cfg.dedup_eps, quotas_now, DEDUP_BLOCK, _stream(lo, hi), DEDUP_RANGE_FLOATS)
+            for part, (lo, hi) in enumerate(ranges)
+        ]  # fmt: skip
+        # dedup's block products run on a GPU when the cluster has one (Ray hides GPUs from
+        # tasks that do not ask for one)
+        gpu = 1 if dedup and cluster_gpus() > 0 else 0
+        for _, res in map_tasks(call_fn, args, max(1, cluster_gpus()) if gpu else par, 1, gpu):
+            surv += res["survivors"]
+            surv_dist += res["survivor_dist_sum"]
+            removed += res["removed"]
+            labels_in.update(res["labels"])
+            labels_surv.update(res["survivor_labels"])
+            if res["annotated"]:
+                annotated.append(res["annotated"])
+            if quotas_now is not None:
+                _collect(res)
+            prog.update()
+        prog.close()
+        m = int(surv.sum())
+        parts = list(range(len(ranges)))
+        if per_cluster and dedup:
+            quotas, info = self._quotas(surv, surv_dist, min(n_keep, m), centroids)
+            extra.update(info)
             args = [
-                ("keep_cluster_range", self.store, idx, part, lo, hi, quotas, k)
-                for part, (lo, hi) in enumerate(ranges)
+                ("scoring.annotate", "keep_range_part", self.store, p, quotas, k) for p in parts
             ]
-            for _, (entry, kc) in map_tasks(call, args, par):
-                kept += kc
-                if entry:
-                    files.append(entry)
-                prog.update()
-            prog.close()
-            extra["cluster_ranges"] = len(ranges)
+            for _, res in map_tasks(call_fn, args, par):
+                _collect(res)
+        elif not per_cluster:
+            th, passes = self._global_threshold(parts, min(n_keep, m), m, par)
+            extra["threshold"] = th.to_json()
+            extra["select_passes"] = passes
+            args = [
+                ("scoring.annotate", "keep_global_part", self.store, p, cfg.strategy, cfg.seed,
+                 th, k)
+                for p in parts
+            ]  # fmt: skip
+            for _, res in map_tasks(call_fn, args, par):
+                _collect(res)
         files.sort(key=lambda f: f["path"])
-        assert int(kept.sum()) == n_keep, f"kept {int(kept.sum())} rows, expected {n_keep}"
+        expect = min(n_keep, m)
+        assert int(kept.sum()) == expect, f"kept {int(kept.sum())} rows, expected {expect}"
+        if dedup:
+            extra["dedup"] = {
+                "eps": cfg.dedup_eps,
+                "removed": int(removed.sum()),
+                "survivors": m,
+                "removed_per_cluster": removed.tolist(),
+            }
+        if cfg.label_column:
+            extra["labels"] = {
+                "column": cfg.label_column,
+                "before": dict(sorted(labels_in.items())),
+                "after_dedup": dict(sorted(labels_surv.items())) if dedup else None,
+                "after": {key: labels_kept.get(key, 0) for key in sorted(labels_in)},
+            }
         self.timings["reduce"] = time.perf_counter() - t0
         mean_dist = np.divide(dist_sum, np.maximum(counts, 1))
         return {
@@ -442,8 +484,49 @@ class Run:
                 "mean_distance": [round(float(x), 6) for x in mean_dist],
             },
             "files": files,
+            "annotated": sorted(annotated),
             **extra,
         }
+
+    def _quotas(self, counts, dist_sum, n_keep: int, centroids) -> tuple[np.ndarray, dict]:
+        """Per-cluster quotas of balanced or dbp over `counts` rows (all N or the survivors)."""
+        if self.cfg.strategy == "balanced":
+            return balanced_quotas(counts, n_keep), {}
+        from scoring.dbp import dbp_quotas
+
+        if centroids is None:
+            centroids = load_committed(self.store)[0]
+        q, info = dbp_quotas(centroids, counts, dist_sum, n_keep, self.cfg.dbp_temperature)
+        return q, {"dbp": info}
+
+    def _global_threshold(self, parts: list[int], n_keep: int, m: int, par: int):
+        """The exact (key, id) threshold of a global rule over the survivors of all parts."""
+        from ray_jobs.workers import call_fn
+
+        cfg = self.cfg
+        tot = key_bits(cfg.strategy)
+        search = ThresholdSearch(n_keep, m, tot)
+        while (req := search.request()) is not None:
+            mode, prefix, bits, limit = req
+            if mode == "hist":
+                args = [
+                    ("scoring.annotate", "part_histogram", self.store, p, cfg.strategy, cfg.seed,
+                     prefix, bits, tot)
+                    for p in parts
+                ]  # fmt: skip
+                for _, h in map_tasks(call_fn, args, par):
+                    search.add_histogram(h)
+            else:
+                args = [
+                    ("scoring.annotate", "part_candidates", self.store, p, cfg.strategy,
+                     cfg.seed, prefix, bits, tot, limit)
+                    for p in parts
+                ]  # fmt: skip
+                for _, t in map_tasks(call_fn, args, par):
+                    if t is not None:
+                        search.add_candidates(t)
+            search.advance()
+        return search.result, search.passes
 
     def commit(self, doc: dict[str, Any]) -> None:
         doc["timings_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
@@ -462,7 +545,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     ensure_ray(cfg.address)
     centroids, sha = r.prototypes()
     r.score(centroids, sha)
-    doc = r.reduce(sha)
+    doc = r.reduce(sha, centroids)
     r.commit(doc)
     write_report_logged(r.store)
     return doc

@@ -77,3 +77,10 @@ def fit_task(cfg: RunConfig, run_store: Store, samples: list[Any], use_gpu: bool
 def call(fn_name: str, *args: Any) -> Any:
     """Run a reduce-stage function of scoring.score by name (one remote for all of them)."""
     return getattr(stage, fn_name)(*args)
+
+
+def call_fn(module: str, fn_name: str, *args: Any) -> Any:
+    """Run a reduce-stage function of any scoring module by name."""
+    import importlib
+
+    return getattr(importlib.import_module(module), fn_name)(*args)

@@ -125,6 +125,15 @@ def score_shard(
         x = normalize(x)
     cluster, dist, second = searcher.search(x)
     table = scores_table(ids, cluster, dist, second)
+    # issue 6: labels and embeddings, in exactly the score file's row order and row groups
+    order = np.argsort(cluster, kind="stable")
+    if cfg.label_column:
+        table = table.append_column(
+            "label", read_labels(cfg, in_store, shard).take(pa.array(order))
+        )
+    emb_sha = None
+    if cfg.save_embeddings or cfg.dedup_eps is not None:
+        emb_sha = write_embeddings(run_store, shard.index, ids, x, order)
     nbytes, sha = run_store.write_parquet(
         score_key(shard.index), table, row_group_size=SCORE_ROW_GROUP
     )
@@ -141,9 +150,33 @@ def score_shard(
             "seconds": round(secs, 3),
             "input": shard.file,
             "row_groups": shard.to_json()["row_groups"],
+            "embeddings_sha256": emb_sha,
         },
     )
     return ShardSummary(shard.index, table.num_rows, secs, sha)
+
+
+def embeddings_key(shard_index: int) -> str:
+    return f"embeddings/shard-{shard_index:06d}.parquet"
+
+
+def read_labels(cfg: RunConfig, in_store: Store, shard: Shard) -> pa.Array:
+    """The shard's label column (any type), in input row order."""
+    where = f"{in_store.uri(shard.file)} (shard {shard.index})"
+    t = read_shard_columns(in_store, shard, [cfg.label_column], where)
+    return t[cfg.label_column].combine_chunks()
+
+
+def write_embeddings(
+    run_store: Store, shard_index: int, ids: pa.Array, x: np.ndarray, order: np.ndarray
+) -> str:
+    """embeddings/shard-NNNNNN.parquet: (id, embedding fixed_size_list<float32>) in the score
+    file's row order and row groups (the embeddings the search used: unit rows for cosine)."""
+    x = np.ascontiguousarray(x[order], dtype=np.float32)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    t = pa.table({"id": ids.take(pa.array(order)), "embedding": emb})
+    _, sha = run_store.write_parquet(embeddings_key(shard_index), t, row_group_size=SCORE_ROW_GROUP)
+    return sha
 
 
 # -- reduce: per score shard -----------------------------------------------------------------
@@ -156,11 +189,22 @@ def shard_stats(run_store: Store, shard_index: int, k: int) -> dict[str, Any]:
     t = read_scores(run_store, shard_index, ["cluster", "distance"])
     cl = t["cluster"].to_numpy()
     d = t["distance"].to_numpy().astype(np.float64)
+    from scoring.percentile import level1_histogram
+
     return {
         "rows": t.num_rows,
         "counts": np.bincount(cl, minlength=k).astype(np.int64),
         "dist_sum": np.bincount(cl, weights=d, minlength=k),
+        "hist": level1_histogram(t["distance"].to_numpy()),
     }
+
+
+def shard_refine(run_store: Store, shard_index: int, prefixes: np.ndarray, low_bits: int):
+    """The percentile refinement histogram of one score shard (see scoring.percentile)."""
+    from scoring.percentile import refine_histogram
+
+    d = read_scores(run_store, shard_index, ["distance"])["distance"].to_numpy()
+    return refine_histogram(d, prefixes, low_bits)
 
 
 def _shard_keys(run_store: Store, shard_index: int, strategy: str, seed: int):
