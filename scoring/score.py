@@ -15,19 +15,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from scoring import manifest
 from scoring.assign import NearestPrototype
 from scoring.config import RunConfig
 from scoring.prototypes import normalize, sample_rows
-from scoring.select import (
-    gather_candidates,
-    keep_mask,
-    key_histogram,
-    rule_key,
-    select_per_cluster,
-)
 from scoring.shards import Shard, embedding_matrix, read_shard
 from scoring.storage import Store
 
@@ -207,39 +199,6 @@ def shard_refine(run_store: Store, shard_index: int, prefixes: np.ndarray, low_b
     return refine_histogram(d, prefixes, low_bits)
 
 
-def _shard_keys(run_store: Store, shard_index: int, strategy: str, seed: int):
-    t = read_scores(run_store, shard_index, ["id", "distance"])
-    ids = t["id"].combine_chunks()
-    return rule_key(strategy, t["distance"].to_numpy(), ids, seed), ids
-
-
-def shard_histogram(
-    run_store: Store,
-    shard_index: int,
-    strategy: str,
-    seed: int,
-    prefix: int,
-    prefix_bits: int,
-    total_bits: int,
-) -> np.ndarray:
-    keys, _ = _shard_keys(run_store, shard_index, strategy, seed)
-    return key_histogram(keys, prefix, prefix_bits, total_bits)
-
-
-def shard_candidates(
-    run_store: Store,
-    shard_index: int,
-    strategy: str,
-    seed: int,
-    prefix: int,
-    prefix_bits: int,
-    total_bits: int,
-    limit: int,
-) -> pa.Table:
-    keys, ids = _shard_keys(run_store, shard_index, strategy, seed)
-    return gather_candidates(keys, ids, prefix, prefix_bits, total_bits, limit)
-
-
 def keep_key(part: int) -> str:
     return f"keep/part-{part:06d}.parquet"
 
@@ -254,51 +213,3 @@ def write_keep_part(run_store: Store, part: int, table: pa.Table) -> dict[str, A
 
 def kept_counts(table: pa.Table, k: int) -> np.ndarray:
     return np.bincount(table["cluster"].to_numpy(), minlength=k).astype(np.int64)
-
-
-def keep_global(
-    run_store: Store, shard_index: int, strategy: str, seed: int, threshold, k: int
-) -> tuple[dict[str, Any] | None, np.ndarray]:
-    """Write the keep part of one score shard for a global rule."""
-    t = read_scores(run_store, shard_index)
-    ids = t["id"].combine_chunks()
-    keys = rule_key(strategy, t["distance"].to_numpy(), ids, seed)
-    kept = t.filter(pa.array(keep_mask(keys, ids, threshold)))
-    return write_keep_part(run_store, shard_index, kept), kept_counts(kept, k)
-
-
-# -- reduce: per cluster range ---------------------------------------------------------------
-def read_cluster_range(run_store: Store, shard_indices: list[int], lo: int, hi: int) -> pa.Table:
-    """All score rows with lo <= cluster < hi, reading only overlapping row groups."""
-    import pyarrow.parquet as pq
-
-    parts = []
-    for s in shard_indices:
-        pf = pq.ParquetFile(run_store.open(score_key(s)))
-        col = pf.schema_arrow.get_field_index("cluster")
-        groups = []
-        for g in range(pf.metadata.num_row_groups):
-            st = pf.metadata.row_group(g).column(col).statistics
-            if st is None or not st.has_min_max or (st.max >= lo and st.min < hi):
-                groups.append(g)
-        if groups:
-            t = pf.read_row_groups(groups)
-            cl = t["cluster"]
-            parts.append(t.filter(pc.and_(pc.greater_equal(cl, lo), pc.less(cl, hi))))
-    if not parts:
-        return read_scores(run_store, shard_indices[0]).slice(0, 0) if shard_indices else None
-    return pa.concat_tables(parts)
-
-
-def keep_cluster_range(
-    run_store: Store,
-    shard_indices: list[int],
-    part: int,
-    lo: int,
-    hi: int,
-    quotas: np.ndarray,
-    k: int,
-) -> tuple[dict[str, Any] | None, np.ndarray]:
-    t = read_cluster_range(run_store, shard_indices, lo, hi)
-    kept = select_per_cluster(t, quotas)
-    return write_keep_part(run_store, part, kept), kept_counts(kept, k)
