@@ -246,7 +246,7 @@ class Run:
         if self.store.exists(manifest.RUN_JSON):
             self._check_resume(manifest.read_json(self.store, manifest.RUN_JSON), doc)
             return
-        self.out_root.check_writable()
+        self.store.check_writable()  # a probe inside <output>/<run_id>/, nowhere else
         if not self.store.put_if_absent(manifest.RUN_JSON, manifest.dumps(doc)):
             # another driver created the run between our check and our write
             self._check_resume(manifest.read_json(self.store, manifest.RUN_JSON), doc)
@@ -710,7 +710,8 @@ class Run:
     def commit(self, doc: dict[str, Any]) -> None:
         doc["timings_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
         doc["committed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        manifest.write_json(self.store, manifest.MANIFEST, doc)
+        if not self.store.put_if_absent(manifest.MANIFEST, manifest.dumps(doc)):
+            log.warning("run %s was committed by another driver first", self.store.uri())
 
 
 def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:

@@ -74,6 +74,7 @@ def base(tmp_path_factory, ray_mod):
     tmp = tmp_path_factory.mktemp("base")
     dataset(tmp)
     doc = run(cfg(tmp, "ref"), quiet=True)
+    assert os.listdir(tmp / "out") == ["ref"]  # nothing written outside <output>/<run_id>/
     return tmp, doc
 
 
