@@ -168,15 +168,15 @@ def ids_key(shard_index: int) -> str:
     return f"ids/shard-{shard_index:06d}.parquet"
 
 
-def id_hash(ids: pa.Array) -> np.ndarray:
-    """A deterministic 64-bit hash of each id (pandas' SipHash with its fixed key)."""
-    from pandas.util import hash_array
+ID_HASH_SEED = 0x1D5EED
 
-    if pa.types.is_integer(ids.type):
-        values = ids.to_numpy(zero_copy_only=False).astype(np.int64)
-    else:
-        values = np.asarray(ids.to_pylist(), dtype=object)
-    return hash_array(values, categorize=False).astype(np.uint64)
+
+def id_hash(ids: pa.Array) -> np.ndarray:
+    """A deterministic, uniform 64-bit hash of each id: the `random` rule's key with a fixed
+    seed (splitmix64 for integer ids, keyed BLAKE2b-64 for string and binary ids)."""
+    from scoring.select import random_key
+
+    return random_key(ids, ID_HASH_SEED)
 
 
 def write_id_hashes(run_store: Store, shard_index: int, ids: pa.Array) -> None:

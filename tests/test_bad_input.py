@@ -301,3 +301,30 @@ def test_mixed_variable_widths(tmp_path, capsys, ray_mod):
     assert rc == 1 and "mixed embedding widths" in line
     assert "v0.parquet" in line and "v1.parquet" in line
     nothing_committed(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_duplicate_check_by_hash_range_is_exact(tmp_path, kind):
+    """No Ray: ids split over shards, checked range by range (many ranges, uint64 hashes above
+    2**63 included): exactly the planted duplicates are found, each with all its places."""
+    from scoring.score import duplicate_ids, hash_ranges, write_id_hashes
+
+    store = Store(str(tmp_path))
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(3000)[:900].tolist()
+    planted = {ids[5]: [[0, 5], [2, 10]], ids[400]: [[1, 100], [1, 250], [2, 20]]}
+    shards = [ids[0:300], ids[300:600], ids[600:900]]
+    shards[2][10] = ids[5]
+    shards[1][250] = ids[400]
+    shards[2][20] = ids[400]
+    conv = str if kind == "str" else int
+    for i, s in enumerate(shards):
+        write_id_hashes(store, i, pa.array([conv(v) for v in s]))
+    ranges = hash_ranges(900, 70)
+    assert len(ranges) == 13 and ranges[-1][1] == 2**64
+    found = {}
+    for lo, hi in ranges:
+        got = duplicate_ids(store, [0, 1, 2], lo, hi)
+        assert got["count"] == len(got["examples"])
+        found.update({d["id"]: d["where"] for d in got["examples"]})
+    assert found == {conv(k): v for k, v in planted.items()}
