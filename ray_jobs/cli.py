@@ -1,6 +1,7 @@
 """The `protoprune` command line.
 
     protoprune run --input URL --output URL [...]      prune (or resume) a dataset
+    protoprune status RUN_FOLDER [--json]               progress and failures of a run
     protoprune demo DIR                                 write a small demo dataset
     protoprune report RUN_URL                           write RUN_URL/report/index.html
 
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, default=3, help="random subsets to compare (default 3)")
     e.add_argument("--test-fraction", type=float, default=0.2, help="hash-split held-out share")
     e.add_argument("--test-input", default=None, help="a separate labelled held-out dataset")
+    st = sub.add_parser("status", help="progress and failures of a run folder")
+    st.add_argument("run", help="the run folder: <output>/<run_id>")
+    st.add_argument("--json", action="store_true", help="one JSON document instead of text")
     d = sub.add_parser("demo", help="write a small demo dataset")
     d.add_argument("dir", help="folder or bucket URL to write into")
     d.add_argument("--rows", type=int, default=200_000)
@@ -236,7 +240,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "report": cmd_report, "evaluate": cmd_evaluate}
+def format_status(st: dict[str, Any]) -> str:
+    """The plain-text view of scoring.manifest.run_status()."""
+    lines = [
+        f"run       {st['run']}",
+        f"state     {st['state']}" + ("  (_MANIFEST.json committed)" if st["committed"] else ""),
+        f"input     {st['input']}  rows {st['rows']}  shards {st['shards']}",
+    ]
+    if st.get("rows_kept") is not None:
+        lines.append(f"kept      {st['rows_kept']} rows")
+    names = {"prototypes": "prototypes", "scores": "scores", "reduce": "reduce/manifest"}
+    for stage, label in names.items():
+        s = st["stages"][stage]
+        extra = f"  rows {s['rows_done']}" if "rows_done" in s else ""
+        lines.append(
+            f"{label:<16}done {s['done']}/{s['units']}  pending {s['pending']}  "
+            f"failed {s['failed']}{extra}"
+        )
+        for f in s["failures"]:
+            who = f"shard {f['shard']}" if f.get("shard") is not None else f["name"]
+            lines.append(f"  FAILED {who} ({f.get('file') or '-'}): {f['error']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from scoring.manifest import run_status
+    from scoring.storage import Store
+
+    st = run_status(Store(args.run))
+    print(json.dumps(st, indent=1, default=str) if args.json else format_status(st))
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "status": cmd_status,
+    "report": cmd_report,
+    "evaluate": cmd_evaluate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

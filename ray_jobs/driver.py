@@ -7,9 +7,11 @@ missing, so a rerun with the same run id resumes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -19,7 +21,7 @@ from ray_jobs.progress import Progress
 from ray_jobs.progress import configure as configure_progress
 from scoring import manifest
 from scoring.config import RunConfig
-from scoring.prototypes import load_committed, sample_counts
+from scoring.prototypes import load_committed, load_committed_marker, sample_counts
 from scoring.select import ThresholdSearch, balanced_quotas, key_bits, plan_cluster_ranges
 from scoring.shards import Shard, plan_shards
 from scoring.storage import Store
@@ -104,10 +106,54 @@ def map_tasks(
 
 def user_error(exc: BaseException) -> BaseException | None:
     """The user-facing cause inside a Ray task error (bad data), or None for crashes."""
+    from scoring.storage import StoreError
+
     cause = getattr(exc, "cause", None) or exc
-    if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
+    if isinstance(cause, (ValueError, TypeError, FileNotFoundError, PermissionError, StoreError)):
         return cause
     return None
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def check_schemas(store: Store, schemas: dict[str, Any], id_col: str, emb_col: str) -> None:
+    """Fail fast, from the footers only, on columns of the wrong type and on fixed embedding
+    widths that differ across files (variable-width lists are checked when read)."""
+    import pyarrow as pa
+
+    widths: dict[int, str] = {}
+    for key, schema in schemas.items():
+        where = store.uri(key)
+        it = schema.field(id_col).type
+        if not (
+            pa.types.is_integer(it)
+            or pa.types.is_string(it)
+            or pa.types.is_large_string(it)
+            or pa.types.is_binary(it)
+            or pa.types.is_large_binary(it)
+        ):
+            raise ValueError(
+                f"{where}: column '{id_col}' must hold integer or string ids, found {it}"
+            )
+        et = schema.field(emb_col).type
+        is_list = pa.types.is_list(et) or pa.types.is_large_list(et)
+        if not (is_list or pa.types.is_fixed_size_list(et)) or not (
+            pa.types.is_floating(et.value_type) or pa.types.is_integer(et.value_type)
+        ):
+            raise ValueError(
+                f"{where}: column '{emb_col}' must be a list of numbers (embeddings), found {et}"
+            )
+        if pa.types.is_fixed_size_list(et):
+            widths.setdefault(et.list_size, where)
+            if len(widths) > 1:
+                (w1, f1), (w2, f2) = list(widths.items())[:2]
+                raise ValueError(
+                    f"column '{emb_col}' has mixed embedding widths across files: "
+                    f"{w1} in {f1}, {w2} in {f2}"
+                )
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -122,6 +168,7 @@ class Run:
         self.store = self.out_root.child(cfg.run_id)
         self.timings: dict[str, float] = {}
         self.shards: list[Shard] = []
+        self.retried: set[int] = set()  # score shards resubmitted after their worker died
 
     # ---- plan and run.json
     def plan(self) -> None:
@@ -135,6 +182,7 @@ class Run:
                         f"{self.in_store.uri(key)}: column '{col}' not found "
                         f"(columns: {', '.join(schema.names)})"
                     )
+        check_schemas(self.in_store, schemas, cfg.id_column, cfg.embedding_column)
         # One id type across files: the reducer compares and concatenates ids of all shards.
         id_types = sorted((k, sc.field(cfg.id_column).type) for k, sc in schemas.items())
         for key, typ in id_types[1:]:
@@ -168,25 +216,121 @@ class Run:
             "shards": [s.to_json() for s in self.shards],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if cfg.force_new and self.store.exists(manifest.RUN_JSON):
+            removed = manifest.wipe_run(self.store)
+            log.warning("--force-new: removed %s from %s", ", ".join(removed), self.store.uri())
+        self.run_doc = doc
+        self.changed_files: list[str] = []
         if self.store.exists(manifest.RUN_JSON):
-            old = manifest.read_json(self.store, manifest.RUN_JSON)
-            if old.get("config_hash") != doc["config_hash"]:
-                changed = sorted(
-                    k for k, v in cfg.hashed_settings().items() if old.get("config", {}).get(k) != v
-                )
-                raise ValueError(
-                    f"run {self.store.uri()} exists with a different config "
-                    f"(changed: {', '.join(changed) or 'unknown'}); use a new --run-id"
-                )
-            if old.get("input", {}).get("files") != self.fingerprint:
-                raise ValueError(
-                    f"run {self.store.uri()} exists but the input changed since "
-                    f"it started; use a new --run-id"
-                )
-            log.info("resuming run %s", self.store.uri())
+            self._check_resume(manifest.read_json(self.store, manifest.RUN_JSON), doc)
             return
-        self.out_root.check_writable()
+        self.store.check_writable()  # a probe inside <output>/<run_id>/, nowhere else
+        if not self.store.put_if_absent(manifest.RUN_JSON, manifest.dumps(doc)):
+            # another driver created the run between our check and our write
+            self._check_resume(manifest.read_json(self.store, manifest.RUN_JSON), doc)
+
+    def _check_resume(self, old: dict[str, Any], doc: dict[str, Any]) -> None:
+        """Refuse a resume whose config or input differs, saying exactly what differs.
+
+        A changed input file (size or etag/mtime) is accepted when its footer-derived shard
+        plan is unchanged and the run is not committed: its shards are redone (see
+        `accept_changed_inputs`). Added or removed files, or a changed shard plan, are refused.
+        """
+        where = f"run {self.store.uri()} exists"
+        hint = "rerun with --force-new to start this run id over, or use a new --run-id"
+        if old.get("config_hash") != doc["config_hash"]:
+            oldc = old.get("config", {})
+            diffs = [
+                f"{k}: {oldc.get(k)!r} -> {v!r}"
+                for k, v in self.cfg.hashed_settings().items()
+                if oldc.get(k) != v
+            ]
+            raise ValueError(
+                f"{where} with a different config ({'; '.join(diffs) or 'config hash differs'}); "
+                f"{hint}"
+            )
+        d = manifest.diff_fingerprint(old.get("input", {}).get("files", []), self.fingerprint)
+        what = [f"added {p}" for p in d["added"]] + [f"removed {p}" for p in d["removed"]]
+        if what:
+            raise ValueError(f"{where} but its input changed ({'; '.join(what)}); {hint}")
+        if d["changed"]:
+            olds = {f["path"]: f for f in old["input"]["files"]}
+            news = {f["path"]: f for f in self.fingerprint}
+            detail = "; ".join(
+                f"{p} (size {olds[p]['size']} -> {news[p]['size']}, "
+                f"version {olds[p]['version']} -> {news[p]['version']})"
+                for p in d["changed"]
+            )
+            if self.store.exists(manifest.MANIFEST):
+                raise ValueError(f"{where}, is committed, and its input changed: {detail}; {hint}")
+            if old.get("shards") != doc["shards"]:
+                olds_j = {json.dumps(x, sort_keys=True) for x in old.get("shards", [])}
+                news_j = {json.dumps(x, sort_keys=True) for x in doc["shards"]}
+                bad = sorted({json.loads(x)["file"] for x in olds_j ^ news_j})
+                raise ValueError(
+                    f"{where} but the row groups of input file(s) changed "
+                    f"({', '.join(bad) or detail}), so the shard plan differs; {hint}"
+                )
+            log.warning("input file(s) changed since the run started: %s", detail)
+            self.changed_files = d["changed"]
+        log.info("resuming run %s", self.store.uri())
+
+    def accept_changed_inputs(self) -> None:
+        """Resume over changed input files: check that the committed prototypes' sample is
+        unaffected, invalidate the changed files' score markers, then record the new fingerprint.
+
+        Order matters for a crash at any point: markers are deleted before run.json is updated,
+        so no stale marker can ever be trusted under the new fingerprint.
+        """
+        if not self.changed_files:
+            return
+        import ray
+
+        from ray_jobs import workers
+
+        changed = set(self.changed_files)
+        shards = [s for s in self.shards if s.file in changed]
+        marker = load_committed_marker(self.store)
+        if marker is not None:
+            digests = marker.get("sample_sha256") or {}
+            counts = sample_counts([s.rows for s in self.shards], self.cfg.effective_sample_size)
+            check = [s for s in shards if counts[s.index] > 0]
+            task = ray.remote(num_cpus=1, max_retries=3)(workers.sample_digest_task)
+            refs = [task.remote(self.cfg, self.in_store, s, int(counts[s.index])) for s in check]
+            for s, ref in zip(check, refs):
+                try:
+                    got = ray.get(ref)
+                except Exception as e:  # noqa: BLE001
+                    cause = user_error(e)
+                    if cause is None:
+                        raise
+                    raise ValueError(str(cause)) from None
+                if digests.get(str(s.index)) != got:
+                    raise ValueError(
+                        f"run {self.store.uri()}: input file {self.in_store.uri(s.file)} "
+                        f"changed rows the committed prototypes were fitted on (shard "
+                        f"{s.index}); rerun with --force-new or use a new --run-id"
+                    )
+        for s in shards:
+            self.store.delete(manifest.marker_key("scores", s.index))
+        self.store.delete(manifest.MANIFEST)
+        doc = manifest.read_json(self.store, manifest.RUN_JSON)
+        doc.setdefault("input_history", []).append(
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "changed": sorted(changed),
+                "old": [f for f in doc["input"]["files"] if f["path"] in changed],
+                "shards_redone": [s.index for s in shards],
+            }
+        )
+        doc["input"]["files"] = self.fingerprint
         manifest.write_json(self.store, manifest.RUN_JSON, doc)
+        log.warning(
+            "accepted changed input file(s) %s: redoing shard(s) %s",
+            ", ".join(sorted(changed)),
+            ", ".join(str(s.index) for s in shards),
+        )
+        self.changed_files = []
 
     # ---- prototypes
     def prototypes(self) -> tuple[np.ndarray, str]:
@@ -205,23 +349,36 @@ class Run:
         prog = Progress("sample", len(todo), int(counts.sum()), self.quiet)
         sample_remote = ray.remote(num_cpus=1, max_retries=3)(workers.sample_task)
         refs = []
+        failures: dict[int, str] = {}
         # Bounded submission: sample arrays stay in the object store, never on the driver.
-        pending: list[Any] = []
+        # A shard failing on bad data does not stop the others: all are read, then all
+        # failures are reported together.
+        pending: dict[Any, Shard] = {}
         for shard, c in todo:
             if len(pending) >= 2 * cluster_cpus():
-                ready, pending = ray.wait(pending, num_returns=1)
-                self._count_ready(ready, prog)
+                self._sample_ready(pending, prog, failures)
             ref = sample_remote.remote(cfg, self.in_store, shard, c)
             refs.append(ref)
-            pending.append(ref)
+            pending[ref] = shard
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            self._count_ready(ready, prog)
+            self._sample_ready(pending, prog, failures)
         prog.close()
+        if failures:
+            self._fail("prototypes", failures)
         use_gpu = cluster_gpus() > 0
         fit = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(workers.fit_task)
-        stats = ray.get(fit.remote(cfg, self.store, refs, use_gpu))
+        names = [(s.index, self.in_store.uri(s.file)) for s, _ in todo]
+        try:
+            stats = ray.get(fit.remote(cfg, self.store, refs, use_gpu, names))
+        except Exception as e:  # noqa: BLE001
+            cause = user_error(e)
+            if cause is None:
+                raise
+            manifest.record_failure(self.store, "prototypes", "fit", {"error": str(cause)})
+            raise RunFailed(f"prototypes failed, no manifest committed: {cause}") from None
         del refs
+        for name in manifest.failures(self.store, "prototypes"):
+            manifest.clear_failure(self.store, "prototypes", name)
         self.timings["prototypes"] = time.perf_counter() - t0
         log.info(
             "prototypes: k=%d on %d sampled rows, inertia %.4g, %d iterations (%.1fs)",
@@ -235,18 +392,51 @@ class Run:
         assert got is not None
         return got
 
-    def _count_ready(self, ready: list[Any], prog: Progress) -> None:
+    def _sample_ready(
+        self, pending: dict[Any, Shard], prog: Progress, failures: dict[int, str]
+    ) -> None:
         import ray
 
+        ready, _ = ray.wait(list(pending), num_returns=1)
         for r in ready:
+            shard = pending.pop(r)
             try:
                 arr = ray.get(r)
             except Exception as e:  # noqa: BLE001
                 cause = user_error(e)
-                if cause is not None:
-                    raise cause from None
-                raise
+                if cause is None:
+                    raise
+                failures[shard.index] = str(cause)
+                self._record("prototypes", shard.index, str(cause))
+                prog.update(failed=True)
+                continue
             prog.update(len(arr))
+
+    def _record(self, stage: str, i: int, msg: str, attempts: int = 1) -> None:
+        """Record a failed shard at once under _failures/<stage>/, so `protoprune status`
+        shows it while the run goes on (or after the driver died)."""
+        log.error("shard %d failed: %s", i, msg)
+        manifest.record_failure(
+            self.store,
+            stage,
+            manifest.shard_name(i),
+            {
+                "shard": i,
+                "file": self.in_store.uri(self.shards[i].file),
+                "error": msg,
+                "attempts": attempts,
+            },
+        )
+
+    def _fail(self, stage: str, failures: dict[int, str]) -> None:
+        """Raise RunFailed naming every failed shard and its file."""
+        names = "; ".join(
+            f"shard {i} ({self.in_store.uri(self.shards[i].file)}): {msg}"
+            for i, msg in sorted(failures.items())
+        )
+        raise RunFailed(
+            f"{len(failures)} shard(s) failed in {stage}, no manifest committed: {names}"
+        )
 
     # ---- score
     def score(self, centroids: np.ndarray, sha: str) -> None:
@@ -255,11 +445,12 @@ class Run:
         from ray_jobs.workers import ShardWorker
 
         cfg = self.cfg
-        done = {
-            i
-            for i, m in manifest.committed(self.store, "scores").items()
-            if m.get("prototypes_sha256") == sha
-        }
+        marks = manifest.committed(self.store, "scores")
+        done = {i for i, m in marks.items() if m.get("prototypes_sha256") == sha}
+        for i in sorted(set(marks) - done):  # names other prototypes: counts as missing
+            log.warning("shard %d: marker names other prototypes; redoing it", i)
+            self.store.delete(manifest.marker_key("scores", i))
+        old_failures = set(manifest.failures(self.store, "scores"))
         todo = [s for s in self.shards if s.index not in done]
         log.info("score: %d shards committed, %d to do", len(done), len(todo))
         if not todo:
@@ -280,9 +471,12 @@ class Run:
         res = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         actor_cls = ray.remote(max_restarts=cfg.max_retries, max_task_retries=0, **res)(ShardWorker)
         cref = ray.put(centroids)
-        actors = [
-            actor_cls.remote(cfg, self.in_store, self.store, [cref], sha, bool(gpus))
-            for _ in range(n_workers)
+        tag = uuid.uuid4().hex[:8]
+        actors = [  # named, so an operator (or a fault test) can find them
+            actor_cls.options(name=f"protoprune-score-{cfg.run_id}-{tag}-{w}").remote(
+                cfg, self.in_store, self.store, [cref], sha, bool(gpus)
+            )
+            for w in range(n_workers)
         ]
         prog = Progress("score", len(todo), sum(s.rows for s in todo), self.quiet)
         failures: dict[int, str] = {}
@@ -306,12 +500,19 @@ class Run:
                     cause = user_error(e)
                     if cause is not None:
                         failures[shard.index] = str(cause)
-                        log.error("shard %d failed: %s", shard.index, cause)
+                        self._record("scores", shard.index, str(cause))
                         prog.update(failed=True)
                         continue
                     attempts[shard.index] = attempts.get(shard.index, 0) + 1
+                    self.retried.add(shard.index)
                     if attempts[shard.index] > cfg.max_retries:
-                        failures[shard.index] = f"worker died {attempts[shard.index]} times: {e}"
+                        failures[shard.index] = (
+                            f"worker died {attempts[shard.index]} times "
+                            f"({type(e).__name__}: {first_line(e)})"
+                        )
+                        self._record(
+                            "scores", shard.index, failures[shard.index], attempts[shard.index]
+                        )
                         prog.update(failed=True)
                         continue
                     log.warning(
@@ -320,6 +521,8 @@ class Run:
                     queue.append(shard)
                     continue
                 prog.update(summary.rows)
+                if manifest.shard_name(shard.index) in old_failures:
+                    manifest.clear_failure(self.store, "scores", manifest.shard_name(shard.index))
                 log.info(
                     "shard %d scored: %d rows in %.2fs", shard.index, summary.rows, summary.seconds
                 )
@@ -327,11 +530,7 @@ class Run:
             ray.kill(a)
         self.timings["score"] = prog.close()
         if failures:
-            names = "; ".join(
-                f"shard {i} ({self.in_store.uri(self.shards[i].file)}): {msg}"
-                for i, msg in sorted(failures.items())
-            )
-            raise RunFailed(f"{len(failures)} shard(s) failed, no manifest committed: {names}")
+            self._fail("scores", failures)
 
     # ---- reduce
     def reduce(self, sha: str, centroids: np.ndarray | None = None) -> dict[str, Any]:
@@ -346,6 +545,9 @@ class Run:
         k = cfg.k
         idx = [s.index for s in self.shards]
         par = 2 * cluster_cpus()
+        # keep/ is not committed before the manifest: parts of an interrupted reduce go.
+        self.store.delete("keep")
+        self.check_duplicate_ids(idx, par)
         counts = np.zeros(k, np.int64)
         dist_sum = np.zeros(k, np.float64)
         hist = np.zeros(1 << 16, np.int64)
@@ -528,10 +730,56 @@ class Run:
             search.advance()
         return search.result, search.passes
 
+    def check_duplicate_ids(self, idx: list[int], par: int) -> None:
+        """Find ids that occur more than once, by hash range: each task reads one range of the
+        per-shard sorted id hashes (ids/shard-N.parquet) from every shard, so memory is bounded
+        by the range, not by N. Fails the run naming the ids and where they occur."""
+        from ray_jobs.workers import call
+        from scoring.score import hash_ranges
+
+        ranges = hash_ranges(self.n_rows, RANGE_ROWS)
+        total = 0
+        examples: list[dict[str, Any]] = []
+        args = [("duplicate_ids", self.store, idx, lo, hi) for lo, hi in ranges]
+        for _, got in map_tasks(call, args, par):
+            total += got["count"]
+            examples.extend(got["examples"])
+        if not total:
+            for name in manifest.failures(self.store, "reduce"):
+                manifest.clear_failure(self.store, "reduce", name)
+            return
+        examples.sort(key=lambda d: (d["where"][0], str(d["id"])))
+
+        file_start: dict[str, int] = {}
+        for sh in self.shards:
+            file_start.setdefault(sh.file, sh.row_offset)
+
+        def where(w: list[list[int]]) -> str:
+            return " and ".join(
+                f"{self.in_store.uri(self.shards[s].file)} row "
+                f"{self.shards[s].row_offset - file_start[self.shards[s].file] + r} (shard {s})"
+                for s, r in w
+            )
+
+        shown = "; ".join(f"id {d['id']!r} in {where(d['where'])}" for d in examples[:3])
+        more = f" (and {total - 3} more)" if total > 3 else ""
+        msg = f"column '{self.cfg.id_column}' has {total} duplicate id(s): {shown}{more}"
+        files = sorted(
+            {self.in_store.uri(self.shards[s].file) for d in examples for s, _ in d["where"]}
+        )
+        manifest.record_failure(
+            self.store,
+            "reduce",
+            "duplicate-ids",
+            {"error": msg, "file": ", ".join(files), "examples": examples[:100]},
+        )
+        raise RunFailed(f"reduce failed, no manifest committed: {msg}")
+
     def commit(self, doc: dict[str, Any]) -> None:
         doc["timings_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
         doc["committed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        manifest.write_json(self.store, manifest.MANIFEST, doc)
+        if not self.store.put_if_absent(manifest.MANIFEST, manifest.dumps(doc)):
+            log.warning("run %s was committed by another driver first", self.store.uri())
 
 
 def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
@@ -543,6 +791,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
         log.info("run %s is already committed", r.store.uri())
         return manifest.read_json(r.store, manifest.MANIFEST)
     ensure_ray(cfg.address)
+    r.accept_changed_inputs()
     centroids, sha = r.prototypes()
     r.score(centroids, sha)
     doc = r.reduce(sha, centroids)

@@ -43,6 +43,11 @@ class ShardWorker:
         return os.getpid()
 
     def score(self, shard: Shard) -> stage.ShardSummary:
+        delay = float(os.environ.get("PROTOPRUNE_FAULT_SHARD_DELAY_S", "0") or 0)
+        if delay > 0:  # fault-injection knob for tests: widen the window to kill a worker
+            import time
+
+            time.sleep(delay)
         return stage.score_shard(
             self.cfg, self.in_store, self.run_store, shard, self.searcher, self.prototypes_sha
         )
@@ -61,15 +66,45 @@ def sample_task(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> np
     return stage.sample_shard(cfg, in_store, shard, count)
 
 
-def fit_task(cfg: RunConfig, run_store: Store, samples: list[Any], use_gpu: bool) -> dict:
-    """Concatenate the sample (fetched here, not on the driver), fit, save, commit."""
-    from scoring.prototypes import fit_kmeans, save_centroids
+def sample_digest_task(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> str:
+    from scoring.prototypes import sample_digest
 
-    parts = [p for p in ray.get(samples) if len(p)]
+    return sample_digest(stage.sample_shard(cfg, in_store, shard, count))
+
+
+def fit_task(
+    cfg: RunConfig,
+    run_store: Store,
+    samples: list[Any],
+    use_gpu: bool,
+    shards: list[tuple[int, str]] | None = None,
+) -> dict:
+    """Concatenate the sample (fetched here, not on the driver), fit, save, commit.
+
+    `shards` (index, input URL) of each sample part: widths are checked across parts (naming
+    both files) and each part's digest is recorded in the commit marker for resume checks.
+    """
+    from scoring.prototypes import fit_kmeans, sample_digest, save_centroids
+
+    got = ray.get(samples)
+    shards = shards or [(i, f"shard {i}") for i in range(len(got))]
+    digests = {str(i): sample_digest(p) for (i, _), p in zip(shards, got) if len(p)}
+    widths: dict[int, str] = {}
+    for (i, f), p in zip(shards, got):
+        if len(p):
+            widths.setdefault(p.shape[1], f"{f} (shard {i})")
+    if len(widths) > 1:
+        (w1, f1), (w2, f2) = list(widths.items())[:2]
+        raise ValueError(
+            f"column '{cfg.embedding_column}' has mixed embedding widths across files: "
+            f"{w1} in {f1}, {w2} in {f2}"
+        )
+    parts = [p for p in got if len(p)]
     x = np.concatenate(parts, axis=0)
     centroids, _, stats = fit_kmeans(
         x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu and _has_faiss_gpu()
     )
+    stats = dict(stats, sample_sha256=digests)
     sha = save_centroids(run_store, centroids, stats)
     return dict(stats, sha256=sha)
 

@@ -112,8 +112,22 @@ def save_centroids(store: Store, centroids: np.ndarray, stats: dict[str, Any]) -
     sha = hashlib.sha256(data).hexdigest()
     store.put_bytes(CENTROIDS_KEY, data)
     marker = dict(stats, sha256=sha, shape=list(centroids.shape))
-    store.put_bytes(COMMIT_KEY, json.dumps(marker, indent=1).encode())
+    if not store.put_if_absent(COMMIT_KEY, json.dumps(marker, indent=1).encode()):
+        log.warning("prototypes were committed by another attempt; its marker stands")
     return sha
+
+
+def load_committed_marker(store: Store) -> dict[str, Any] | None:
+    """The prototypes' commit marker (sha256, sample digests per shard), or None."""
+    if not store.exists(COMMIT_KEY):
+        return None
+    return json.loads(store.get_bytes(COMMIT_KEY))
+
+
+def sample_digest(x: np.ndarray) -> str:
+    """sha256 of one shard's sample rows (float32, C order): the resume check of a changed
+    input file compares it with the digest recorded when the prototypes were fitted."""
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
 
 
 def load_committed(store: Store) -> tuple[np.ndarray, str] | None:

@@ -104,8 +104,19 @@ def score_shard(
     searcher: NearestPrototype,
     prototypes_sha: str,
 ) -> ShardSummary:
-    """Score one shard and commit it: data first, marker last."""
+    """Score one shard and commit it: data first (scores, id hashes), marker last.
+
+    A shard whose marker already names these prototypes is committed: its files are not
+    rewritten (a retry or a resumed run returns at once). The marker is create-only, so of two
+    racing attempts (a zombie worker and its retry) the first commit stands.
+    """
     t0 = time.perf_counter()
+    mkey = manifest.marker_key("scores", shard.index)
+    if run_store.exists(mkey):
+        old = manifest.read_json(run_store, mkey)
+        if old.get("prototypes_sha256") == prototypes_sha:
+            log.info("shard %d is already committed; not rewritten", shard.index)
+            return ShardSummary(shard.index, int(old.get("rows", 0)), 0.0, old.get("sha256", ""))
     ids, x = load_embeddings(cfg, in_store, shard)
     if x.shape[1] != searcher.d:
         raise ValueError(
@@ -129,8 +140,9 @@ def score_shard(
     nbytes, sha = run_store.write_parquet(
         score_key(shard.index), table, row_group_size=SCORE_ROW_GROUP
     )
+    write_id_hashes(run_store, shard.index, ids)
     secs = time.perf_counter() - t0
-    manifest.write_marker(
+    fresh = manifest.write_marker(
         run_store,
         "scores",
         shard.index,
@@ -145,6 +157,8 @@ def score_shard(
             "embeddings_sha256": emb_sha,
         },
     )
+    if not fresh:
+        log.warning("shard %d: another attempt committed first; its marker stands", shard.index)
     return ShardSummary(shard.index, table.num_rows, secs, sha)
 
 
@@ -169,6 +183,98 @@ def write_embeddings(
     t = pa.table({"id": ids.take(pa.array(order)), "embedding": emb})
     _, sha = run_store.write_parquet(embeddings_key(shard_index), t, row_group_size=SCORE_ROW_GROUP)
     return sha
+
+
+# -- duplicate ids: per-shard sorted id hashes, checked by hash range in the reduce -------------
+IDS_ROW_GROUP = 65_536
+
+
+def ids_key(shard_index: int) -> str:
+    return f"ids/shard-{shard_index:06d}.parquet"
+
+
+ID_HASH_SEED = 0x1D5EED
+
+
+def id_hash(ids: pa.Array) -> np.ndarray:
+    """A deterministic, uniform 64-bit hash of each id: the `random` rule's key with a fixed
+    seed (splitmix64 for integer ids, keyed BLAKE2b-64 for string and binary ids)."""
+    from scoring.select import random_key
+
+    return random_key(ids, ID_HASH_SEED)
+
+
+def write_id_hashes(run_store: Store, shard_index: int, ids: pa.Array) -> None:
+    """ids/shard-N.parquet: (hash uint64, id, row), sorted by hash, row groups of 65,536 rows,
+    so a hash range can be read from every shard by row-group statistics."""
+    h = id_hash(ids)
+    order = np.argsort(h, kind="stable")
+    t = pa.table(
+        {
+            "hash": pa.array(h[order], pa.uint64()),
+            "id": ids.take(pa.array(order)),
+            "row": pa.array(order.astype(np.int64)),
+        }
+    )
+    run_store.write_parquet(ids_key(shard_index), t, row_group_size=IDS_ROW_GROUP)
+
+
+def hash_ranges(n_rows: int, range_rows: int) -> list[tuple[int, int]]:
+    """Split the 64-bit hash space into equal ranges of about range_rows ids each (hashes are
+    uniform), as (lo, hi) with hi exclusive; the last hi is 2**64."""
+    parts = max(1, -(-n_rows // max(1, range_rows)))
+    edges = [(i << 64) // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def duplicate_ids(
+    run_store: Store, shard_indices: list[int], lo: int, hi: int, limit: int = 10
+) -> dict[str, Any]:
+    """Ids occurring more than once among the ids with lo <= hash < hi, over all shards.
+
+    Memory: the ids of one hash range. Returns {"count": duplicated ids in the range,
+    "examples": [{"id", "where": [[shard, row], ...]}, ...] (at most `limit`)}.
+    """
+    import pyarrow.parquet as pq
+
+    parts = []
+    for s in shard_indices:
+        pf = pq.ParquetFile(run_store.open(ids_key(s)))
+        groups = []
+        for g in range(pf.metadata.num_row_groups):
+            st = pf.metadata.row_group(g).column(0).statistics
+            if st is None or not st.has_min_max or (st.max >= lo and st.min < hi):
+                groups.append(g)
+        if not groups:
+            continue
+        t = pf.read_row_groups(groups)
+        h = t["hash"].to_numpy()
+        m = h >= np.uint64(lo)
+        if hi < 2**64:
+            m &= h < np.uint64(hi)
+        t = t.filter(pa.array(m))
+        parts.append(t.append_column("shard", pa.array(np.full(t.num_rows, s, np.int64))))
+    if not parts:
+        return {"count": 0, "examples": []}
+    t = pa.concat_tables(parts)
+    h = t["hash"].to_numpy()
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    same = np.nonzero(hs[1:] == hs[:-1])[0]
+    if len(same) == 0:
+        return {"count": 0, "examples": []}
+    # rows whose hash occurs more than once; compare the ids themselves (hash collisions)
+    cand = np.unique(np.concatenate([order[same], order[same + 1]]))
+    sub = t.take(pa.array(cand)).to_pydict()
+    groups: dict[Any, list[list[int]]] = {}
+    for i, sh, r in zip(sub["id"], sub["shard"], sub["row"]):
+        groups.setdefault(i, []).append([int(sh), int(r)])
+    dups = [(i, sorted(w)) for i, w in groups.items() if len(w) > 1]
+    dups.sort(key=lambda d: (d[1][0], str(d[0])))
+    return {
+        "count": len(dups),
+        "examples": [{"id": i, "where": w} for i, w in dups[:limit]],
+    }
 
 
 # -- reduce: per score shard -----------------------------------------------------------------

@@ -80,6 +80,13 @@ def is_transient(exc: BaseException) -> bool:
         "ResponseStreamingError",
         "RemoteDisconnected",
         "ClientPayloadError",
+        # s3fs turns botocore errors into OSError(errno, message): 503 SlowDown arrives as
+        # OSError(EBUSY, 'Please reduce your request rate.') or 'Service Unavailable'.
+        "reduce your request rate",
+        "Service Unavailable",
+        "Internal Server Error",
+        "Bad Gateway",
+        "Gateway Timeout",
     )
     if any(m in text for m in markers):
         return True
@@ -92,6 +99,7 @@ def is_transient(exc: BaseException) -> bool:
             errno.ETIMEDOUT,
             errno.EPIPE,
             errno.EAGAIN,
+            errno.EBUSY,  # s3fs: SlowDown / throttling
         }
     return False
 
@@ -334,7 +342,8 @@ class Store:
             from fsspec.asyn import sync
 
             async def _put():
-                await fs.set_session()  # the client is created lazily: get_s3() may be None
+                if getattr(fs, "_s3", None) is None:
+                    await fs.set_session()
                 s3 = await fs.get_s3(bucket)
                 return await s3.put_object(Bucket=bucket, Key=obj, Body=data, IfNoneMatch="*")
 

@@ -1,0 +1,110 @@
+"""A fault-injecting HTTP proxy on loopback, in front of the moto S3 server (tests only).
+
+It forwards each request to the upstream server, except that it answers a seeded share of
+requests with 503 SlowDown (bounded by `max_faults`), and 403 AccessDenied to every request for
+the buckets in `deny_buckets`. It serves on its own threads and stops by itself after `lifetime`
+seconds at the latest.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message></Error>"
+)
+
+
+class FaultProxy:
+    def __init__(
+        self,
+        upstream: str,
+        share: float = 0.0,
+        max_faults: int = 1000,
+        seed: int = 0,
+        deny_buckets: tuple[str, ...] = (),
+        lifetime: float = 300.0,
+    ):
+        u = urlsplit(upstream)
+        self.up_host, self.up_port = u.hostname, u.port
+        self.share, self.max_faults = share, max_faults
+        self.rng = random.Random(seed)
+        self.deny = set(deny_buckets)
+        self.lock = threading.Lock()
+        self.requests = self.faults = self.denied = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _handle(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                bucket = self.path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
+                with proxy.lock:
+                    proxy.requests += 1
+                    deny = bucket in proxy.deny
+                    fault = (
+                        not deny
+                        and proxy.faults < proxy.max_faults
+                        and proxy.rng.random() < proxy.share
+                    )
+                    if fault:
+                        proxy.faults += 1
+                    if deny:
+                        proxy.denied += 1
+                if deny or fault:
+                    self._reply(403 if deny else 503, DENIED if deny else SLOWDOWN)
+                    return
+                conn = http.client.HTTPConnection(proxy.up_host, proxy.up_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = f"{proxy.up_host}:{proxy.up_port}"
+                conn.request(self.command, self.path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status, r.reason)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = r.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            def _reply(self, status: int, body: bytes):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body) if self.command != "HEAD" else 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.timer = threading.Timer(lifetime, self.stop)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def stop(self) -> None:
+        self.timer.cancel()
+        self.server.shutdown()
+        self.server.server_close()
