@@ -292,25 +292,48 @@ class Run:
         res = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         actor_cls = ray.remote(max_restarts=cfg.max_retries, max_task_retries=0, **res)(ShardWorker)
         cref = ray.put(centroids)
-        actors = [
-            actor_cls.remote(cfg, self.in_store, self.store, [cref], sha, bool(gpus))
-            for _ in range(n_workers)
-        ]
+
+        def new_actor() -> Any:
+            return actor_cls.remote(cfg, self.in_store, self.store, [cref], sha, bool(gpus))
+
+        actors = [new_actor() for _ in range(n_workers)]
         prog = Progress("score", len(todo), sum(s.rows for s in todo), self.quiet)
         failures: dict[int, str] = {}
         attempts: dict[int, int] = {}
         queue = list(reversed(todo))
-        pending: dict[Any, tuple[Shard, int]] = {}
+        pending: dict[Any, tuple[Shard, int, Any]] = {}
         load = [0] * n_workers
+        # A worker whose process or node died is replaced by a new actor that gets shards only
+        # once a ping shows it is up; meanwhile its shards go to the live workers, never back
+        # to the dead one (whose restart may wait forever for a node that is gone).
+        up = [True] * n_workers
+        replaced = [0] * n_workers
+        pings: dict[Any, int] = {}
         while queue or pending:
-            while queue and min(load) < IN_FLIGHT_PER_WORKER:
-                w = int(np.argmin(load))
+            while queue:
+                free = [i for i in range(n_workers) if up[i] and load[i] < IN_FLIGHT_PER_WORKER]
+                if not free:
+                    break
+                w = min(free, key=load.__getitem__)
                 shard = queue.pop()
-                pending[actors[w].score.remote(shard)] = (shard, w)
+                pending[actors[w].score.remote(shard)] = (shard, w, actors[w])
                 load[w] += 1
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            if not pending and not pings:
+                for shard in queue:
+                    failures[shard.index] = "no scoring worker left"
+                    prog.update(failed=True)
+                break
+            ready, _ = ray.wait(list(pending) + list(pings), num_returns=1)
             for ref in ready:
-                shard, w = pending.pop(ref)
+                if ref in pings:
+                    w = pings.pop(ref)
+                    try:
+                        ray.get(ref)
+                        up[w] = True
+                    except Exception as e:  # noqa: BLE001 - the slot stays empty
+                        log.warning("scoring worker %d not replaced: %s", w, type(e).__name__)
+                    continue
+                shard, w, actor = pending.pop(ref)
                 load[w] -= 1
                 try:
                     summary = ray.get(ref)
@@ -321,6 +344,13 @@ class Run:
                         log.error("shard %d failed: %s", shard.index, cause)
                         prog.update(failed=True)
                         continue
+                    if actor is actors[w]:  # first news of this worker's death
+                        ray.kill(actor, no_restart=True)
+                        up[w] = False
+                        if replaced[w] < cfg.max_retries:
+                            replaced[w] += 1
+                            actors[w] = new_actor()
+                            pings[actors[w].pid.remote()] = w
                     attempts[shard.index] = attempts.get(shard.index, 0) + 1
                     if attempts[shard.index] > cfg.max_retries:
                         failures[shard.index] = f"worker died {attempts[shard.index]} times: {e}"

@@ -354,6 +354,15 @@ def dataset(s3_server):
     return bucket, n
 
 
+JOB = {
+    "k": 6,
+    "kmeans_iters": 5,
+    "shard_rows": 150,
+    "strategy": "hard",
+    "keep_fraction": 0.3,
+}
+
+
 class TestRayJobSubmit:
     def runtime_env(self, s3_server) -> dict:
         """What the job needs that the head's environment lacks: our code and the S3 endpoint
@@ -362,41 +371,31 @@ class TestRayJobSubmit:
         assert env["AWS_ENDPOINT_URL"] == s3_server.endpoint
         return {"env_vars": dict(env, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")}
 
-    def test_submit_config_job_joins_cluster_and_resumes(self, head, dataset, s3_server, tmp_path):
+    def test_submit_joins_cluster_and_resumes(self, head, dataset, s3_server, tmp_path):
+        """`-- python -m ray_jobs.prune --config job.yaml`, then, after losing part of the run,
+        `-- protoprune run ...` with the same settings and run id: it resumes."""
         from ray.job_submission import JobStatus, JobSubmissionClient
         from ray.util.state import list_actors
 
         bucket, n = dataset
+        inp, outp, run_id = f"s3://{bucket}/data/", f"s3://{bucket}/runs/", "job-run"
         job_yaml = tmp_path / "job.yaml"
-        job_yaml.write_text(
-            yaml.safe_dump(
-                {
-                    "input": f"s3://{bucket}/data/",
-                    "output": f"s3://{bucket}/runs/",
-                    "run_id": "cfg-run",
-                    "k": 6,
-                    "kmeans_iters": 5,
-                    "shard_rows": 150,
-                    "strategy": "hard",
-                    "keep_fraction": 0.3,
-                }
-            )
-        )
+        job_yaml.write_text(yaml.safe_dump(dict(JOB, input=inp, output=outp, run_id=run_id)))
         renv = self.runtime_env(s3_server)
-        r = submit(head, "prune-cfg-1", renv, [*ENTRY, str(job_yaml)])
+        r = submit(head, "prune-1", renv, [*ENTRY, str(job_yaml)])
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         client = JobSubmissionClient(head.address)
-        info = client.get_job_info("prune-cfg-1")
+        info = client.get_job_info("prune-1")
         assert info.status == JobStatus.SUCCEEDED
-        logs = job_cli(head, "logs", "prune-cfg-1").stdout
-        # The driver's output reaches the job log: progress/log lines and the result line.
+        logs = job_cli(head, "logs", "prune-1").stdout
+        # The driver's output reaches the job log: its log lines and the result line.
         assert re.search(r"score", logs, re.I), logs[-2000:]
         result = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"run"')][-1])
         assert result["rows_kept"] == int(0.3 * n)
-        out = Store(f"s3://{bucket}/runs")
-        kept = check_run(out, "cfg-run", n, "hard", 0.3)
-        # It joined this cluster (no embedded Ray) and used every CPU slot: its scoring actors
-        # are recorded by this cluster, under this job, one per CPU.
+        out = Store(outp)
+        kept = check_run(out, run_id, n, "hard", 0.3)
+        # It joined this cluster (no embedded Ray) and used every CPU slot: this cluster
+        # recorded its scoring actors under this job, one per CPU.
         actors = list_actors(
             address=head.address,
             filters=[("class_name", "=", "ShardWorker"), ("job_id", "=", info.job_id)],
@@ -404,56 +403,165 @@ class TestRayJobSubmit:
         )
         assert len(actors) == 2, actors
 
-        # Resume after a failure: lose the manifest, the keep list and half of the score
-        # commits, resubmit with the same run id: only the missing shards are scored again.
-        store = out.child("cfg-run")
+        # A failure lost the manifest, the keep list and every other score commit. Resubmit
+        # with the same run id: only the missing shards are scored again, same keep list.
+        store = out.child(run_id)
         markers = sorted(store.list("_commits/scores/"))
         assert len(markers) >= 4
         for key in markers[::2] + store.list("keep/") + [manifest.MANIFEST]:
             store.delete(key)
-        r = submit(head, "prune-cfg-2", renv, [*ENTRY, str(job_yaml)])
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        logs2 = job_cli(head, "logs", "prune-cfg-2").stdout
-        done = len(markers) - len(markers[::2])
-        assert re.search(rf"score: {done} shards committed, {len(markers) - done} to do", logs2)
-        assert check_run(out, "cfg-run", n, "hard", 0.3) == kept
-
-    def test_submit_protoprune_run(self, head, dataset, s3_server):
-        bucket, n = dataset
-        entry = [
-            "protoprune",
-            "run",
-            "--input",
-            f"s3://{bucket}/data/",
-            "--output",
-            f"s3://{bucket}/runs/",
-            "--run-id",
-            "cli-run",
-            "--k",
-            "6",
-            "--kmeans-iters",
-            "5",
-            "--shard-rows",
-            "300",
-            "--strategy",
-            "balanced",
-            "--keep-fraction",
-            "0.4",
-        ]
-        r = submit(head, "prune-cli", self.runtime_env(s3_server), entry)
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in JOB.items()]
+        entry = ["protoprune", "run", f"--input={inp}", f"--output={outp}", f"--run-id={run_id}"]
+        r = submit(head, "prune-2", renv, entry + flags)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         # `ray job submit` streams the job log until the job ends.
-        assert '"rows_kept": %d' % int(0.4 * n) in r.stdout
-        check_run(Store(f"s3://{bucket}/runs"), "cli-run", n, "balanced", 0.4)
+        done = len(markers) - len(markers[::2])
+        assert f"score: {done} shards committed, {len(markers) - done} to do" in r.stdout
+        assert f'"rows_kept": {int(0.3 * n)}' in r.stdout
+        assert check_run(out, run_id, n, "hard", 0.3) == kept
 
     def test_failed_job_reports_error(self, head, dataset, s3_server):
         """A user error in a submitted job: one line in the job log, job FAILED, no traceback."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
         bucket, _ = dataset
         entry = ["protoprune", "run", "--input", f"s3://{bucket}/nope/", "--output"]
         entry += [f"s3://{bucket}/runs/", "--run-id", "bad", "--k", "6"]
         r = submit(head, "prune-bad", self.runtime_env(s3_server), entry)
         assert r.returncode != 0
+        assert JobSubmissionClient(head.address).get_job_status("prune-bad") == JobStatus.FAILED
         logs = job_cli(head, "logs", "prune-bad").stdout
         assert re.search(r"protoprune: error: .*nope", logs), logs[-2000:]
         assert "Traceback" not in logs
         assert not Store(f"s3://{bucket}/runs").exists("bad/_MANIFEST.json")
+
+
+# -- two nodes with ray.cluster_utils.Cluster ----------------------------------------------
+def check_distances(store: Store, x: np.ndarray) -> None:
+    """The scores match an independent float64 nearest-prototype search of the input."""
+    import io
+
+    from scoring.assign import brute_force_nearest
+    from scoring.prototypes import normalize
+
+    c = np.load(io.BytesIO(store.get_bytes("prototypes/centroids.npy")))
+    scores = read_all(store, "scores/")
+    order = np.argsort(scores.column("id").to_numpy())
+    j, d = brute_force_nearest(normalize(x), c, "cosine")
+    np.testing.assert_array_equal(scores.column("cluster").to_numpy()[order], j)
+    np.testing.assert_allclose(scores.column("distance").to_numpy()[order], d, atol=1e-5)
+
+
+def test_two_nodes_shards_on_both_and_node_removed_mid_run(tmp_path, monkeypatch):
+    """Shards run on both nodes of a two-node cluster; one node is removed while the run is in
+    its score stage, and the run still commits the exact keep list.
+
+    A scoring actor, after committing a shard, waits while `hold` exists: both actors commit
+    one shard each (on their own node) and stop, so the node is removed mid-run, always; the
+    head's actor is released only after the cluster has marked the other node dead."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    import ray_jobs.workers as workers_mod
+    from ray_jobs.driver import run
+
+    n, d = 900, 8
+    x = clustered(n, d, 5, seed=11)
+    write_dataset(Store(str(tmp_path / "in")), x, list(range(n)), files=3, prefix="data")
+    rec, hold = tmp_path / "nodes", tmp_path / "hold"
+    rec.mkdir()
+    hold.touch()
+    rec_dir, hold_file = str(rec), str(hold)
+
+    class GatedWorker(workers_mod.ShardWorker):
+        """ShardWorker that records the node of each scored shard, then waits on the gate.
+        Defined here, so Ray ships it by value; its base is the real ShardWorker."""
+
+        def score(self, shard):
+            out = super().score(shard)
+            node = ray.get_runtime_context().get_node_id()
+            open(os.path.join(rec_dir, f"{shard.index}.{node}.{os.getpid()}"), "w").close()
+            while os.path.exists(hold_file):
+                time.sleep(0.02)
+            return out
+
+    monkeypatch.setattr(workers_mod, "ShardWorker", GatedWorker)
+    ray_tmp = tempfile.mkdtemp(prefix="pp7c-", dir="/tmp")
+    # ray.cluster_utils writes and deletes `ray_current_cluster` under RAY_TMPDIR: keep it
+    # private so no other local Ray user is pointed at this cluster.
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=1, temp_dir=ray_tmp, include_dashboard=False)
+        node_b = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        cfg = make_config(
+            {
+                "input": str(tmp_path / "in" / "data"),
+                "output": str(tmp_path / "out"),
+                "run_id": "two-nodes",
+                "k": 5,
+                "kmeans_iters": 5,
+                "shard_rows": 100,
+                "strategy": "hard",
+                "keep_fraction": 0.25,
+                "address": cluster.address,
+                # One node dies once: each of its shards is lost once, and one retry must do.
+                "max_retries": 1,
+                "quiet": True,
+            }
+        )
+        result: dict = {}
+
+        def drive() -> None:
+            try:
+                result["doc"] = run(cfg, quiet=True)
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                result["error"] = e
+
+        t = threading.Thread(target=drive, daemon=True)
+        t.start()
+        deadline = time.time() + 120
+        nodes: set[str] = set()
+        while len(nodes) < 2 and time.time() < deadline and t.is_alive():
+            nodes = {f.split(".")[1] for f in os.listdir(rec)}
+            time.sleep(0.05)
+        head_id = cluster.head_node.node_id
+        assert nodes == {head_id, node_b.node_id}, (nodes, result)
+        store = Store(cfg.output).child(cfg.run_id)
+        n_shards = len(manifest.read_json(store, manifest.RUN_JSON)["shards"])
+        committed = len(store.list("_commits/scores/"))
+        assert committed == 2 < n_shards  # mid-run: one shard per node, the rest to do
+        cluster.remove_node(node_b)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(
+            nd["NodeID"] == node_b.node_id and nd["Alive"] for nd in ray.nodes()
+        ):
+            time.sleep(0.1)
+        # Keep the head's actor held a little longer: a driver that sends the lost node's
+        # shards back to the dead actor burns their retries now and fails the run.
+        time.sleep(2)
+        os.remove(hold)
+        t.join(150)
+        assert not t.is_alive(), "the run hung after a node was removed"
+        assert "error" not in result, result.get("error")
+        doc = result["doc"]
+    finally:
+        if os.path.exists(hold):
+            os.remove(hold)
+        ray.shutdown()
+        cluster.shutdown()
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = Store(cfg.output)
+    assert doc["rows_kept"] == int(0.25 * n)
+    check_run(out, cfg.run_id, n, "hard", 0.25)
+    check_distances(out.child(cfg.run_id), x)
+    # The removed node scored one shard; the head scored every shard once, including that
+    # one again (its task died with the node, after the shard's commit: same bytes).
+    by_node: dict[str, int] = {}
+    for f in os.listdir(rec):
+        by_node[f.split(".")[1]] = by_node.get(f.split(".")[1], 0) + 1
+    assert by_node == {head_id: n_shards, node_b.node_id: 1}
