@@ -48,7 +48,9 @@ def ensure_ray(address: str | None) -> None:
         ray.init(**kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, **kwargs)
+        # "local": a new embedded Ray, even when `ray start` left a cluster address on this
+        # machine (ray.init() with no address would silently join that cluster).
+        ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 def cluster_gpus() -> int:

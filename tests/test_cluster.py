@@ -196,7 +196,10 @@ class Head:
     """`ray start --head --block` on private free ports and a private temp dir."""
 
     def __init__(self, env: dict[str, str], num_cpus: int = 2):
-        self.tmp = tempfile.mkdtemp(prefix="pp7-", dir="/tmp")
+        # <root>/ray is to RAY_TMPDIR=<root> what /tmp/ray is to a default install: `ray start`
+        # leaves the cluster's address there, where a no-address ray.init() would look.
+        self.root = tempfile.mkdtemp(prefix="pp7-", dir="/tmp")
+        self.tmp = os.path.join(self.root, "ray")
         names = [
             "port",
             "dashboard-port",
@@ -227,8 +230,8 @@ class Head:
             "--num-gpus=0",
             "--disable-usage-stats",
         ]
-        self.env = dict(env, RAY_TMPDIR=self.tmp)
-        self.log = open(os.path.join(self.tmp, "head.log"), "w")
+        self.env = dict(env, RAY_TMPDIR=self.root)
+        self.log = open(os.path.join(self.root, "head.log"), "w")
         self.proc = subprocess.Popen(
             cmd,
             env=self.env,
@@ -249,7 +252,10 @@ class Head:
                 raise RuntimeError(f"ray start exited with {self.proc.returncode}")
             try:
                 with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as r:
-                    if r.status == 200:
+                    # ready: the job API answers and `ray start` has written the address file
+                    if r.status == 200 and os.path.exists(
+                        os.path.join(self.tmp, "ray_current_cluster")
+                    ):
                         return
             except OSError:
                 pass
@@ -281,7 +287,7 @@ class Head:
         self.log.close()
         import shutil
 
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def job_cli(head: Head, verb: str, *args: str, timeout: float = 180):
@@ -419,6 +425,35 @@ class TestRayJobSubmit:
         assert f"score: {done} shards committed, {len(markers) - done} to do" in r.stdout
         assert f'"rows_kept": {int(0.3 * n)}' in r.stdout
         assert check_run(out, run_id, n, "hard", 0.3) == kept
+
+    def test_no_address_starts_embedded_ray_beside_a_cluster(self, head, dataset, s3_server):
+        """Without --address (and outside a job) the CLI starts its own Ray even though a
+        cluster started with `ray start` left its address where ray.init() looks."""
+        from ray.util.state import list_actors
+
+        def shard_workers() -> int:
+            flt = [("class_name", "=", "ShardWorker")]
+            return len(list_actors(address=head.address, filters=flt))
+
+        assert os.path.exists(os.path.join(head.tmp, "ray_current_cluster"))
+        before = shard_workers()
+        bucket, n = dataset
+        env = dict(head.env, PYTHONPATH=str(ROOT))
+        env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+        args = ["--input", f"s3://{bucket}/data/", "--output", f"s3://{bucket}/runs/"]
+        args += ["--run-id", "local-run", "--quiet"] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in JOB.items()
+        ]
+        r = subprocess.run(
+            [sys.executable, "-m", "ray_jobs.cli", "run", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        check_run(Store(f"s3://{bucket}/runs"), "local-run", n, "hard", 0.3)
+        assert shard_workers() == before, "the run joined the ray-start cluster"
 
     def test_failed_job_reports_error(self, head, dataset, s3_server):
         """A user error in a submitted job: one line in the job log, job FAILED, no traceback."""
@@ -565,3 +600,21 @@ def test_two_nodes_shards_on_both_and_node_removed_mid_run(tmp_path, monkeypatch
     for f in os.listdir(rec):
         by_node[f.split(".")[1]] = by_node.get(f.split(".")[1], 0) + 1
     assert by_node == {head_id: n_shards, node_b.node_id: 1}
+
+
+def test_readme_cluster_section_matches():
+    """The README's cluster commands: the steps exist and the `protoprune run` flags parse."""
+    from ray_jobs.cli import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    sec = text[text.index("## Running on a Ray cluster") :]
+    sec = sec[: sec.index("\n## ", 5)]
+    for step in ("ray up", "ray job submit", "ray job logs", "--follow", "ray job stop"):
+        assert step in sec, step
+    assert "ray down" in sec and "--runtime-env-json" in sec
+    assert load_cluster_yaml()["docker"]["image"] in sec
+    cmd = sec[sec.index("-- protoprune run") :].split("\n#")[0]
+    argv = cmd.replace("\\\n", " ").split()[2:]
+    args = build_parser().parse_args(argv)
+    assert args.run_id == "web-2026-11" and args.strategy == "balanced"
+    assert "-- python -m ray_jobs.prune --config job.yaml" in sec
