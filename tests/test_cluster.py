@@ -426,34 +426,32 @@ class TestRayJobSubmit:
         assert f'"rows_kept": {int(0.3 * n)}' in r.stdout
         assert check_run(out, run_id, n, "hard", 0.3) == kept
 
-    def test_no_address_starts_embedded_ray_beside_a_cluster(self, head, dataset, s3_server):
-        """Without --address (and outside a job) the CLI starts its own Ray even though a
-        cluster started with `ray start` left its address where ray.init() looks."""
-        from ray.util.state import list_actors
-
-        def shard_workers() -> int:
-            flt = [("class_name", "=", "ShardWorker")]
-            return len(list_actors(address=head.address, filters=flt))
-
+    def test_no_address_starts_embedded_ray_beside_a_cluster(self, head):
+        """Outside a job, no --address starts an embedded Ray even though a cluster started
+        with `ray start` left its address where ray.init() looks; --address auto joins it."""
         assert os.path.exists(os.path.join(head.tmp, "ray_current_cluster"))
-        before = shard_workers()
-        bucket, n = dataset
-        env = dict(head.env, PYTHONPATH=str(ROOT))
-        env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})
-        args = ["--input", f"s3://{bucket}/data/", "--output", f"s3://{bucket}/runs/"]
-        args += ["--run-id", "local-run", "--quiet"] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in JOB.items()
-        ]
-        r = subprocess.run(
-            [sys.executable, "-m", "ray_jobs.cli", "run", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
+        code = (
+            "import sys, ray\n"
+            "from ray_jobs.driver import ensure_ray\n"
+            "ensure_ray(sys.argv[1] or None)\n"
+            "print('GCS', ray.get_runtime_context().gcs_address.rsplit(':', 1)[1])\n"
+            "ray.shutdown()\n"
         )
-        assert r.returncode == 0, r.stderr[-3000:]
-        check_run(Store(f"s3://{bucket}/runs"), "local-run", n, "hard", 0.3)
-        assert shard_workers() == before, "the run joined the ray-start cluster"
+        env = dict(head.env, PYTHONPATH=str(ROOT))
+        env.pop("RAY_ADDRESS", None)
+        ports = {}
+        for address in ("", "auto"):
+            r = subprocess.run(
+                [sys.executable, "-c", code, address],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 0, r.stderr[-3000:]
+            ports[address] = int(re.findall(r"^GCS (\d+)$", r.stdout, re.M)[-1])
+        assert ports["auto"] == head.ports["port"]
+        assert ports[""] != head.ports["port"], "no --address joined the ray-start cluster"
 
     def test_failed_job_reports_error(self, head, dataset, s3_server):
         """A user error in a submitted job: one line in the job log, job FAILED, no traceback."""
