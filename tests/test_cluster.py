@@ -363,7 +363,7 @@ def dataset(s3_server):
 JOB = {
     "k": 6,
     "kmeans_iters": 5,
-    "shard_rows": 150,
+    "shard_rows": 400,
     "strategy": "hard",
     "keep_fraction": 0.3,
 }
@@ -413,7 +413,7 @@ class TestRayJobSubmit:
         # with the same run id: only the missing shards are scored again, same keep list.
         store = out.child(run_id)
         markers = sorted(store.list("_commits/scores/"))
-        assert len(markers) >= 4
+        assert len(markers) >= 3
         for key in markers[::2] + store.list("keep/") + [manifest.MANIFEST]:
             store.delete(key)
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in JOB.items()]
