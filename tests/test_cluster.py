@@ -360,6 +360,16 @@ def dataset(s3_server):
     return bucket, n
 
 
+def scoring_actors(head: Head, submission_id: str) -> list:
+    """The ShardWorker actors that this cluster recorded for a submitted job."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    job_id = JobSubmissionClient(head.address).get_job_info(submission_id).job_id
+    flt = [("class_name", "=", "ShardWorker"), ("job_id", "=", job_id)]
+    return list_actors(address=head.address, filters=flt, raise_on_missing_output=False)
+
+
 JOB = {
     "k": 6,
     "kmeans_iters": 5,
@@ -381,7 +391,6 @@ class TestRayJobSubmit:
         """`-- python -m ray_jobs.prune --config job.yaml`, then, after losing part of the run,
         `-- protoprune run ...` with the same settings and run id: it resumes."""
         from ray.job_submission import JobStatus, JobSubmissionClient
-        from ray.util.state import list_actors
 
         bucket, n = dataset
         inp, outp, run_id = f"s3://{bucket}/data/", f"s3://{bucket}/runs/", "job-run"
@@ -402,12 +411,7 @@ class TestRayJobSubmit:
         kept = check_run(out, run_id, n, "hard", 0.3)
         # It joined this cluster (no embedded Ray) and used every CPU slot: this cluster
         # recorded its scoring actors under this job, one per CPU.
-        actors = list_actors(
-            address=head.address,
-            filters=[("class_name", "=", "ShardWorker"), ("job_id", "=", info.job_id)],
-            raise_on_missing_output=False,
-        )
-        assert len(actors) == 2, actors
+        assert len(scoring_actors(head, "prune-1")) == 2
 
         # A failure lost the manifest, the keep list and every other score commit. Resubmit
         # with the same run id: only the missing shards are scored again, same keep list.
@@ -425,6 +429,7 @@ class TestRayJobSubmit:
         assert f"score: {done} shards committed, {len(markers) - done} to do" in r.stdout
         assert f'"rows_kept": {int(0.3 * n)}' in r.stdout
         assert check_run(out, run_id, n, "hard", 0.3) == kept
+        assert len(scoring_actors(head, "prune-2")) == min(2, len(markers) - done)
 
     def test_no_address_starts_embedded_ray_beside_a_cluster(self, head):
         """Outside a job, no --address starts an embedded Ray even though a cluster started
