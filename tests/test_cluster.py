@@ -198,6 +198,7 @@ class Head:
     def __init__(self, env: dict[str, str], num_cpus: int = 2):
         # <root>/ray is to RAY_TMPDIR=<root> what /tmp/ray is to a default install: `ray start`
         # leaves the cluster's address there, where a no-address ray.init() would look.
+        # (a short path: Ray's unix sockets live under it)
         self.root = tempfile.mkdtemp(prefix="pp7-", dir="/tmp")
         self.tmp = os.path.join(self.root, "ray")
         names = [
@@ -301,7 +302,9 @@ def job_cli(head: Head, verb: str, *args: str, timeout: float = 180):
     )
 
 
-def submit(head: Head, submission_id: str, runtime_env: dict, entry: list[str]):
+def submit(head: Head, submission_id: str, runtime_env: dict, entry: list[str], *opts: str):
+    """`ray job submit --submission-id ID --runtime-env-json JSON [opts] -- entry`; it waits
+    for the job and streams its log."""
     return job_cli(
         head,
         "submit",
@@ -309,6 +312,7 @@ def submit(head: Head, submission_id: str, runtime_env: dict, entry: list[str]):
         submission_id,
         "--runtime-env-json",
         json.dumps(runtime_env),
+        *opts,
         "--",
         *entry,
     )
@@ -394,10 +398,13 @@ class TestRayJobSubmit:
 
         bucket, n = dataset
         inp, outp, run_id = f"s3://{bucket}/data/", f"s3://{bucket}/runs/", "job-run"
-        job_yaml = tmp_path / "job.yaml"
+        # As in the README: job.yaml in a folder of its own, uploaded as the working dir.
+        (tmp_path / "myjob").mkdir()
+        job_yaml = tmp_path / "myjob" / "job.yaml"
         job_yaml.write_text(yaml.safe_dump(dict(JOB, input=inp, output=outp, run_id=run_id)))
         renv = self.runtime_env(s3_server)
-        r = submit(head, "prune-1", renv, [*ENTRY, str(job_yaml)])
+        opts = ("--working-dir", str(tmp_path / "myjob"))
+        r = submit(head, "prune-1", renv, [*ENTRY, "job.yaml"], *opts)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         client = JobSubmissionClient(head.address)
         info = client.get_job_info("prune-1")
@@ -524,7 +531,7 @@ def test_two_nodes_shards_on_both_and_node_removed_mid_run(tmp_path, monkeypatch
             return out
 
     monkeypatch.setattr(workers_mod, "ShardWorker", GatedWorker)
-    ray_tmp = tempfile.mkdtemp(prefix="pp7c-", dir="/tmp")
+    ray_tmp = tempfile.mkdtemp(prefix="pp7c-", dir="/tmp")  # short: unix sockets live here
     # ray.cluster_utils writes and deletes `ray_current_cluster` under RAY_TMPDIR: keep it
     # private so no other local Ray user is pointed at this cluster.
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
