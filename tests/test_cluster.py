@@ -383,6 +383,7 @@ JOB = {
 }
 
 
+@pytest.mark.slow
 class TestRayJobSubmit:
     def runtime_env(self, s3_server) -> dict:
         """What the job needs that the head's environment lacks: our code and the S3 endpoint
@@ -497,6 +498,7 @@ def check_distances(store: Store, x: np.ndarray) -> None:
     np.testing.assert_allclose(scores.column("distance").to_numpy()[order], d, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_nodes_shards_on_both_and_node_removed_mid_run(tmp_path, monkeypatch):
     """Shards run on both nodes of a two-node cluster; one node is removed while the run is in
     its score stage, and the run still commits the exact keep list.
@@ -531,6 +533,7 @@ def test_two_nodes_shards_on_both_and_node_removed_mid_run(tmp_path, monkeypatch
             return out
 
     monkeypatch.setattr(workers_mod, "ShardWorker", GatedWorker)
+    ray.shutdown()  # the driver must connect to this cluster, not reuse another Ray
     ray_tmp = tempfile.mkdtemp(prefix="pp7c-", dir="/tmp")  # short: unix sockets live here
     # ray.cluster_utils writes and deletes `ray_current_cluster` under RAY_TMPDIR: keep it
     # private so no other local Ray user is pointed at this cluster.
