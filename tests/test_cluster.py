@@ -411,8 +411,10 @@ class TestRayJobSubmit:
         info = client.get_job_info("prune-1")
         assert info.status == JobStatus.SUCCEEDED
         logs = job_cli(head, "logs", "prune-1").stdout
-        # The driver's output reaches the job log: its log lines and the result line.
-        assert re.search(r"score", logs, re.I), logs[-2000:]
+        # The driver's output reaches the job log: progress (the score stage's end line: all
+        # shards done), a line per scored shard, and the result line.
+        assert re.search(r"score: (\d+)/\1 shards", logs), logs[-2000:]
+        assert re.search(r"shard \d+ scored", logs), logs[-2000:]
         result = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"run"')][-1])
         assert result["rows_kept"] == int(0.3 * n)
         out = Store(outp)
