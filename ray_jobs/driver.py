@@ -54,7 +54,9 @@ def ensure_ray(address: str | None) -> None:
         ray.init(**kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, **kwargs)
+        # "local": a new embedded Ray, even when `ray start` left a cluster address on this
+        # machine (ray.init() with no address would silently join that cluster).
+        ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 def cluster_gpus() -> int:
@@ -472,27 +474,54 @@ class Run:
         actor_cls = ray.remote(max_restarts=cfg.max_retries, max_task_retries=0, **res)(ShardWorker)
         cref = ray.put(centroids)
         tag = uuid.uuid4().hex[:8]
-        actors = [  # named, so an operator (or a fault test) can find them
-            actor_cls.options(name=f"protoprune-score-{cfg.run_id}-{tag}-{w}").remote(
+        made = [0]
+
+        def new_actor() -> Any:
+            # named, so an operator (or a fault test) can find them; replacements get new names
+            name = f"protoprune-score-{cfg.run_id}-{tag}-{made[0]}"
+            made[0] += 1
+            return actor_cls.options(name=name).remote(
                 cfg, self.in_store, self.store, [cref], sha, bool(gpus)
             )
-            for w in range(n_workers)
-        ]
+
+        actors = [new_actor() for _ in range(n_workers)]
         prog = Progress("score", len(todo), sum(s.rows for s in todo), self.quiet)
         failures: dict[int, str] = {}
         attempts: dict[int, int] = {}
         queue = list(reversed(todo))
-        pending: dict[Any, tuple[Shard, int]] = {}
+        pending: dict[Any, tuple[Shard, int, Any]] = {}
         load = [0] * n_workers
+        # A worker whose process or node died is replaced by a new actor that gets shards only
+        # once a ping shows it is up; meanwhile its shards go to the live workers, never back
+        # to the dead one (whose restart may wait forever for a node that is gone).
+        up = [True] * n_workers
+        replaced = [0] * n_workers
+        pings: dict[Any, int] = {}
         while queue or pending:
-            while queue and min(load) < IN_FLIGHT_PER_WORKER:
-                w = int(np.argmin(load))
+            while queue:
+                free = [i for i in range(n_workers) if up[i] and load[i] < IN_FLIGHT_PER_WORKER]
+                if not free:
+                    break
+                w = min(free, key=load.__getitem__)
                 shard = queue.pop()
-                pending[actors[w].score.remote(shard)] = (shard, w)
+                pending[actors[w].score.remote(shard)] = (shard, w, actors[w])
                 load[w] += 1
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            if not pending and not pings:
+                for shard in queue:
+                    failures[shard.index] = "no scoring worker left"
+                    prog.update(failed=True)
+                break
+            ready, _ = ray.wait(list(pending) + list(pings), num_returns=1)
             for ref in ready:
-                shard, w = pending.pop(ref)
+                if ref in pings:
+                    w = pings.pop(ref)
+                    try:
+                        ray.get(ref)
+                        up[w] = True
+                    except Exception as e:  # noqa: BLE001 - the slot stays empty
+                        log.warning("scoring worker %d not replaced: %s", w, type(e).__name__)
+                    continue
+                shard, w, actor = pending.pop(ref)
                 load[w] -= 1
                 try:
                     summary = ray.get(ref)
@@ -503,6 +532,13 @@ class Run:
                         self._record("scores", shard.index, str(cause))
                         prog.update(failed=True)
                         continue
+                    if actor is actors[w]:  # first news of this worker's death
+                        ray.kill(actor, no_restart=True)
+                        up[w] = False
+                        if replaced[w] < cfg.max_retries:
+                            replaced[w] += 1
+                            actors[w] = new_actor()
+                            pings[actors[w].pid.remote()] = w
                     attempts[shard.index] = attempts.get(shard.index, 0) + 1
                     self.retried.add(shard.index)
                     if attempts[shard.index] > cfg.max_retries:
