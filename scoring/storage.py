@@ -427,23 +427,23 @@ def _first_line(e: BaseException) -> str:
     return s[0][:300] if s else type(e).__name__
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
+def _write_temp(path: str, data: bytes) -> str:
+    """Write data to a fresh temp file beside path (fsynced) and return its name."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    os.replace(_write_temp(path, data), path)
 
 
 def _create_only_local_write(path: str, data: bytes) -> bool:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _write_temp(path, data)
     try:
         os.link(tmp, path)
         return True
