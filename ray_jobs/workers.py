@@ -35,9 +35,8 @@ class ShardWorker:
         self.prototypes_sha = prototypes_sha
         if isinstance(centroids, list):  # [ObjectRef]: nested, so a restart can re-fetch it
             centroids = ray.get(centroids[0])
-        self.searcher = NearestPrototype(
-            centroids, cfg.metric, use_gpu=use_gpu and _has_faiss_gpu()
-        )
+        # auto: faiss-gpu, else torch on CUDA, else the faster CPU backend (both exact)
+        self.searcher = NearestPrototype(centroids, cfg.metric, use_gpu=use_gpu)
 
     def pid(self) -> int:
         return os.getpid()
@@ -49,12 +48,9 @@ class ShardWorker:
 
 
 def _has_faiss_gpu() -> bool:
-    try:
-        import faiss
+    from scoring.assign import has_faiss_gpu
 
-        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    except Exception:  # noqa: BLE001
-        return False
+    return has_faiss_gpu()
 
 
 def sample_task(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> np.ndarray:
