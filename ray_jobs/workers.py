@@ -61,13 +61,33 @@ def fit_task(cfg: RunConfig, run_store: Store, samples: list[Any], use_gpu: bool
     """Concatenate the sample (fetched here, not on the driver), fit, save, commit."""
     from scoring.prototypes import fit_kmeans, save_centroids
 
-    parts = [p for p in ray.get(samples) if len(p)]
-    x = np.concatenate(parts, axis=0)
+    x = gather_sample(samples)
     centroids, _, stats = fit_kmeans(
         x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu and _has_faiss_gpu()
     )
     sha = save_centroids(run_store, centroids, stats)
     return dict(stats, sha256=sha)
+
+
+def gather_sample(samples: list[Any]) -> np.ndarray:
+    """Copy the sample parts into one preallocated array, one part at a time, so the task
+    holds the sample once (plus one part), not the parts and their concatenation."""
+    n = d = 0
+    shapes = []
+    for ref in samples:
+        p = ray.get(ref)
+        shapes.append(p.shape)
+        if len(p):
+            n += p.shape[0]
+            d = p.shape[1]
+        del p
+    x = np.empty((n, d), np.float32)
+    o = 0
+    for ref, shape in zip(samples, shapes):
+        if shape[0]:
+            x[o : o + shape[0]] = ray.get(ref)
+            o += shape[0]
+    return x
 
 
 def call(fn_name: str, *args: Any) -> Any:

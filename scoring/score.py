@@ -8,6 +8,7 @@ reduce stage.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 from scoring import manifest
 from scoring.assign import NearestPrototype
 from scoring.config import RunConfig
-from scoring.prototypes import normalize, sample_rows
+from scoring.prototypes import normalize, sample_groups
 from scoring.select import (
     gather_candidates,
     keep_mask,
@@ -82,9 +83,26 @@ def sample_shard(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> n
     """This shard's rows of the prototype sample (float32, normalised for cosine)."""
     if count == 0:
         return np.zeros((0, 0), np.float32)
-    _, x = load_embeddings(cfg, in_store, shard)
-    x = x[sample_rows(shard.index, shard.rows, count, cfg.seed)]
+    sub, rows = sample_subshard(in_store, shard, count, cfg.seed)
+    _, x = load_embeddings(cfg, in_store, sub)
+    x = x[rows]
     return normalize(x) if cfg.metric == "cosine" else x
+
+
+def sample_subshard(
+    in_store: Store, shard: Shard, count: int, seed: int
+) -> tuple[Shard, np.ndarray]:
+    """The part of a shard its sample share is read from (a few of its row groups, see
+    prototypes.sample_groups) and the row positions to take from that part."""
+    md = in_store.parquet_file(shard.file).metadata
+    group_rows = [md.row_group(g).num_rows for g in shard.row_groups]
+    picked, rows = sample_groups(group_rows, count, seed, shard.index)
+    sub = dataclasses.replace(
+        shard,
+        row_groups=tuple(shard.row_groups[i] for i in picked),
+        rows=int(sum(group_rows[i] for i in picked)),
+    )
+    return sub, rows
 
 
 def scores_table(
