@@ -20,7 +20,8 @@ Two exact backends:
   exact ones). Certifying the second as well would re-check most rows of typical data, whose
   second and third prototypes are nearly equidistant.
 
-``backend="auto"`` picks faiss-gpu when a GPU and faiss-gpu are present, torch on CUDA when only
+``backend="auto"`` (or the environment variable PROTOPRUNE_SEARCH_BACKEND=faiss|torch|auto,
+read by every worker) picks faiss-gpu when a GPU and faiss-gpu are present, torch on CUDA when only
 a GPU is, and on CPU whichever of the two ran faster on the first batch of rows (both give the
 same answer, so the choice only changes speed). CPUs with native bf16 (AVX-512 BF16 / AMX) run
 the torch path about 1.5-2x faster than faiss's fp32 IndexFlatIP; others pick faiss.
@@ -29,6 +30,7 @@ the torch path about 1.5-2x faster than faiss's fp32 IndexFlatIP; others pick fa
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -76,6 +78,12 @@ class NearestPrototype:
         self.metric = metric
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.k, self.d = self.centroids.shape
+        if backend == "auto":  # operators and benchmarks may pin it for every worker
+            backend = os.environ.get("PROTOPRUNE_SEARCH_BACKEND", "auto") or "auto"
+            if backend not in ("auto", "faiss", "torch"):
+                raise ValueError(
+                    f"PROTOPRUNE_SEARCH_BACKEND must be auto, faiss or torch: {backend!r}"
+                )
         self.precision = precision
         self.chunk_rows = chunk_rows
         self._faiss = None
