@@ -233,9 +233,16 @@ class TorchTopKSearch:
         xt = self.torch.from_numpy(x)
         for a in range(0, n, self.chunk_rows):
             b = min(n, a + self.chunk_rows)
-            ci, d1, d2 = self._chunk(xt[a:b].to(self.device, non_blocking=True))
-            cluster[a:b], dist[a:b], second[a:b] = ci, d1, d2
+            ci, d1, d2 = self.search_device(xt[a:b].to(self.device, non_blocking=True))
+            cluster[a:b] = ci.cpu().numpy()
+            dist[a:b] = d1.cpu().numpy()
+            second[a:b] = d2.cpu().numpy()
         return cluster, dist, second
+
+    def search_device(self, x32):
+        """One chunk already on the device (float32 [n, d] tensor) -> (cluster int32,
+        distance float32, second-nearest distance float32) tensors on the device."""
+        return self._chunk(x32)
 
     def _low_scores(self, x32):
         """Low-precision scores [n, k]: kept in bf16/fp16 for cosine (topk reads them as is)."""
@@ -286,7 +293,7 @@ class TorchTopKSearch:
             self.stats["second_exact"] += n
         self.stats["rows"] += n
         d1, d2 = self._distances(ex, x32, cand)
-        return cand[:, 0].to(torch.int32).cpu().numpy(), d1, d2
+        return cand[:, 0].to(torch.int32), d1, d2
 
     def _full(self, x32):
         """Full fp32 search of some rows: fp32 top-m, then the re-score, re-ordered."""
@@ -306,10 +313,9 @@ class TorchTopKSearch:
             # direct ||x - c|| of the two best (no cancellation near a prototype)
             diff = x32[:, None, :] - self.c32[cand[:, :2]]
             d = torch.linalg.vector_norm(diff, dim=2)
-        d = d.float().cpu().numpy()
-        d1 = np.ascontiguousarray(d[:, 0])
-        d2 = np.ascontiguousarray(d[:, 1]) if d.shape[1] > 1 else np.full(len(d), np.inf)
-        return d1, d2.astype(np.float32)
+        d = d.float()
+        d2 = d[:, 1] if d.shape[1] > 1 else torch.full_like(d[:, 0], float("inf"))
+        return d[:, 0], d2
 
 
 def _order_desc(torch, ex, cand):
