@@ -63,7 +63,7 @@ def fit_task(cfg: RunConfig, run_store: Store, samples: list[Any], use_gpu: bool
 
     x = gather_sample(samples)
     centroids, _, stats = fit_kmeans(
-        x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu and _has_faiss_gpu()
+        x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu
     )
     sha = save_centroids(run_store, centroids, stats)
     return dict(stats, sha256=sha)

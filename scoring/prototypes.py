@@ -155,7 +155,7 @@ def fit_kmeans(
         min_points_per_centroid=1,
         early_stop_threshold=-1.0,
         verbose=False,
-        gpu=bool(use_gpu),
+        gpu=bool(use_gpu and has_faiss_gpu()),
     )
     km.train(x)
     c = np.ascontiguousarray(km.centroids, dtype=np.float32)
@@ -169,7 +169,7 @@ def fit_kmeans(
         "iterations": len(km.iteration_stats),
         "inertia": inertia,
         "seconds": round(time.perf_counter() - t0, 3),
-        "gpu": bool(use_gpu),
+        "gpu": bool(use_gpu and has_faiss_gpu()),
     }
     return c, inertia, stats
 
