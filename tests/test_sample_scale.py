@@ -85,3 +85,17 @@ def test_torch_kmeans_matches_faiss_quality_on_cpu():
     assert inertia_t == pytest.approx((x @ c_t.T).max(1).sum(), rel=0.05)
     cl, il2, _ = fit_kmeans_torch(clustered(3000, 8, 6), 6, 8, "l2", seed=1, device="cpu")
     assert cl.shape == (6, 8) and np.isfinite(il2)
+
+
+def test_committed_reads_many_markers_in_parallel_and_skips_torn_ones(tmp_path):
+    from scoring import manifest
+
+    st = Store(str(tmp_path / "run"))
+    for i in range(200):
+        manifest.write_marker(st, "scores", i, {"rows": i, "prototypes_sha256": "p"})
+    st.put_bytes(manifest.marker_key("scores", 200), b'{"rows": ')  # torn
+    st.put_bytes("_commits/scores/notes.json", b"{}")  # not a marker
+    got = manifest.committed(st, "scores")
+    assert sorted(got) == list(range(200))
+    assert all(got[i]["rows"] == i and got[i]["shard"] == i for i in got)
+    assert manifest.committed(st, "scores", threads=1) == got
