@@ -61,12 +61,31 @@ def fit_task(cfg: RunConfig, run_store: Store, samples: list[Any], use_gpu: bool
     """Concatenate the sample (fetched here, not on the driver), fit, save, commit."""
     from scoring.prototypes import fit_kmeans, save_centroids
 
+    use_all_cores()
     x = gather_sample(samples)
     centroids, _, stats = fit_kmeans(
         x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu
     )
     sha = save_centroids(run_store, centroids, stats)
     return dict(stats, sha256=sha)
+
+
+def use_all_cores() -> None:
+    """Ray pins OMP_NUM_THREADS to a task's num_cpus (1), which left faiss k-means on one core
+    while the rest of the node idled (nothing else runs during the fit): use them all."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, n or 1))
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, n or 1))
+    except ImportError:
+        pass
 
 
 def gather_sample(samples: list[Any]) -> np.ndarray:
