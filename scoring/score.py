@@ -95,9 +95,17 @@ def sample_subshard(
     in_store: Store, shard: Shard, count: int, seed: int
 ) -> tuple[Shard, np.ndarray]:
     """The part of a shard its sample share is read from (a few of its row groups, see
-    prototypes.sample_groups) and the row positions to take from that part."""
-    md = in_store.parquet_file(shard.file).metadata
-    group_rows = [md.row_group(g).num_rows for g in shard.row_groups]
+    prototypes.sample_groups) and the row positions to take from that part. The part's
+    row_groups need not be contiguous."""
+    pf = in_store.parquet_file(shard.file)
+    try:
+        md = pf.metadata
+        group_rows = [md.row_group(g).num_rows for g in shard.row_groups]
+    finally:
+        try:
+            pf.reader.close()
+        except Exception:  # noqa: BLE001
+            pass
     picked, rows = sample_groups(group_rows, count, seed, shard.index)
     sub = dataclasses.replace(
         shard,
