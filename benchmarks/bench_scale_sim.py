@@ -104,12 +104,12 @@ def main() -> None:
     run._write_or_check_run_json()  # resume: read and compare
     t_runjson_check = time.perf_counter() - t0
     man_bytes = len(json.dumps(synthetic_manifest(args.shards, args.k), indent=1).encode())
-    print(f"plan {args.shards:,} shards from footers: {t_plan:.2f}s")
+    print(f"plan {args.shards:,} shards from footers: {t_plan:.2f}s", flush=True)
     print(
         f"run.json: {runjson_bytes / 2**20:.1f} MiB, write {t_runjson:.2f}s, resume check "
         f"{t_runjson_check:.2f}s"
     )
-    print(f"_MANIFEST.json (global rule, k = {args.k:,}): {man_bytes / 2**20:.1f} MiB")
+    print(f"_MANIFEST.json (global rule, k = {args.k:,}): {man_bytes / 2**20:.1f} MiB", flush=True)
 
     # 2. bare baseline: the same marker writes in one process, no Ray
     bare_store = run.store.child("bare")
@@ -118,6 +118,11 @@ def main() -> None:
     for s in shards:
         w.score(s)
     t_bare = time.perf_counter() - t0
+    n = args.shards
+    print(
+        f"bare loop (marker writes only): {t_bare:.1f}s = {1e3 * t_bare / n:.2f} ms/shard",
+        flush=True,
+    )
 
     # 3. the real driver loop with instant workers
     tmp = init_ray()
@@ -139,7 +144,6 @@ def main() -> None:
     finally:
         shutdown_ray(tmp)
     n = args.shards
-    print(f"bare loop (marker writes only): {t_bare:.1f}s = {1e3 * t_bare / n:.2f} ms/shard")
     print(
         f"driver scheduling with Ray: wall {t_sched:.1f}s = {1e3 * t_sched / n:.2f} ms/shard "
         f"(driver CPU {1e3 * cpu / n:.2f} ms/shard; target <= 20 ms); ratio bare/driver "
