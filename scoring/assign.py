@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 
 import numpy as np
 
@@ -209,7 +210,7 @@ class TorchTopKSearch:
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        c = torch.from_numpy(np.ascontiguousarray(centroids, np.float32)).to(self.device)
+        c = torch.from_numpy(np.array(centroids, np.float32)).to(self.device)  # own, writable
         self.c32 = c
         self.cT_low = c.to(self.dtype).T.contiguous()
         self.cT32 = c.T.contiguous()
@@ -230,7 +231,9 @@ class TorchTopKSearch:
         cluster = np.empty(n, np.int32)
         dist = np.empty(n, np.float32)
         second = np.empty(n, np.float32)
-        xt = self.torch.from_numpy(x)
+        with warnings.catch_warnings():  # x may be a read-only Arrow/Ray buffer: only read here
+            warnings.simplefilter("ignore", UserWarning)
+            xt = self.torch.from_numpy(x)
         for a in range(0, n, self.chunk_rows):
             b = min(n, a + self.chunk_rows)
             ci, d1, d2 = self.search_device(xt[a:b].to(self.device, non_blocking=True))
