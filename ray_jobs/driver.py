@@ -21,7 +21,12 @@ from ray_jobs.progress import Progress
 from ray_jobs.progress import configure as configure_progress
 from scoring import manifest
 from scoring.config import RunConfig
-from scoring.prototypes import load_committed, load_committed_marker, sample_counts
+from scoring.prototypes import (
+    load_committed,
+    load_committed_marker,
+    sample_counts,
+    sample_size_rule,
+)
 from scoring.select import ThresholdSearch, balanced_quotas, key_bits, plan_cluster_ranges
 from scoring.shards import Shard, plan_shards
 from scoring.storage import Store
@@ -195,6 +200,7 @@ class Run:
                     "the same id type"
                 )
         self.shards = shards
+        self.embedding_width = fixed_width(schemas.values(), cfg.embedding_column)
         self.n_rows = sum(s.rows for s in shards)
         if self.n_rows == 0:
             raise ValueError(f"input {self.in_store.uri()}: the Parquet files hold zero rows")
@@ -346,7 +352,12 @@ class Run:
             return got
         t0 = time.perf_counter()
         cfg = self.cfg
-        counts = sample_counts([s.rows for s in self.shards], cfg.effective_sample_size)
+        size = sample_size_rule(
+            cfg.effective_sample_size, self.n_rows, cfg.k, getattr(self, "embedding_width", None)
+        )
+        if size < min(cfg.effective_sample_size, self.n_rows):
+            log.warning("k-means sample capped at %d rows (sample memory cap)", size)
+        counts = sample_counts([s.rows for s in self.shards], size)
         todo = [(s, int(c)) for s, c in zip(self.shards, counts) if c > 0]
         prog = Progress("sample", len(todo), int(counts.sum()), self.quiet)
         sample_remote = ray.remote(num_cpus=1, max_retries=3)(workers.sample_task)
@@ -672,8 +683,11 @@ class Run:
             args = [
                 ("scoring.annotate", "keep_range_part", self.store, p, quotas, k) for p in parts
             ]
+            prog = Progress("reduce: keep", len(parts), None, self.quiet)
             for _, res in map_tasks(call_fn, args, par):
                 _collect(res)
+                prog.update()
+            prog.close()
         elif not per_cluster:
             th, passes = self._global_threshold(parts, min(n_keep, m), m, par)
             extra["threshold"] = th.to_json()
@@ -683,8 +697,11 @@ class Run:
                  th, k)
                 for p in parts
             ]  # fmt: skip
+            prog = Progress("reduce: keep", len(parts), None, self.quiet)
             for _, res in map_tasks(call_fn, args, par):
                 _collect(res)
+                prog.update()
+            prog.close()
         files.sort(key=lambda f: f["path"])
         expect = min(n_keep, m)
         assert int(kept.sum()) == expect, f"kept {int(kept.sum())} rows, expected {expect}"
@@ -816,6 +833,21 @@ class Run:
         doc["committed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if not self.store.put_if_absent(manifest.MANIFEST, manifest.dumps(doc)):
             log.warning("run %s was committed by another driver first", self.store.uri())
+
+
+def fixed_width(schemas: Iterable[Any], column: str) -> int | None:
+    """The embedding width when every file stores it as fixed_size_list<float>[d], else None."""
+    import pyarrow as pa
+
+    widths = set()
+    for sc in schemas:
+        if column not in sc.names:
+            return None
+        t = sc.field(column).type
+        if not pa.types.is_fixed_size_list(t):
+            return None
+        widths.add(t.list_size)
+    return widths.pop() if len(widths) == 1 else None
 
 
 def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:

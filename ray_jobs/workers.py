@@ -35,9 +35,8 @@ class ShardWorker:
         self.prototypes_sha = prototypes_sha
         if isinstance(centroids, list):  # [ObjectRef]: nested, so a restart can re-fetch it
             centroids = ray.get(centroids[0])
-        self.searcher = NearestPrototype(
-            centroids, cfg.metric, use_gpu=use_gpu and _has_faiss_gpu()
-        )
+        # auto: faiss-gpu, else torch on CUDA, else the faster CPU backend (both exact)
+        self.searcher = NearestPrototype(centroids, cfg.metric, use_gpu=use_gpu)
 
     def pid(self) -> int:
         return os.getpid()
@@ -54,12 +53,9 @@ class ShardWorker:
 
 
 def _has_faiss_gpu() -> bool:
-    try:
-        import faiss
+    from scoring.assign import has_faiss_gpu
 
-        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    except Exception:  # noqa: BLE001
-        return False
+    return has_faiss_gpu()
 
 
 def sample_task(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> np.ndarray:
@@ -86,27 +82,68 @@ def fit_task(
     """
     from scoring.prototypes import fit_kmeans, sample_digest, save_centroids
 
-    got = ray.get(samples)
-    shards = shards or [(i, f"shard {i}") for i in range(len(got))]
-    digests = {str(i): sample_digest(p) for (i, _), p in zip(shards, got) if len(p)}
+    use_all_cores()
+    shards = shards or [(i, f"shard {i}") for i in range(len(samples))]
+    digests: dict[str, str] = {}
     widths: dict[int, str] = {}
-    for (i, f), p in zip(shards, got):
+    for (i, f), ref in zip(shards, samples):  # one part at a time: bounded memory
+        p = ray.get(ref)
         if len(p):
+            digests[str(i)] = sample_digest(p)
             widths.setdefault(p.shape[1], f"{f} (shard {i})")
+        del p
     if len(widths) > 1:
         (w1, f1), (w2, f2) = list(widths.items())[:2]
         raise ValueError(
             f"column '{cfg.embedding_column}' has mixed embedding widths across files: "
             f"{w1} in {f1}, {w2} in {f2}"
         )
-    parts = [p for p in got if len(p)]
-    x = np.concatenate(parts, axis=0)
+    x = gather_sample(samples)
     centroids, _, stats = fit_kmeans(
-        x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu and _has_faiss_gpu()
+        x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu
     )
     stats = dict(stats, sample_sha256=digests)
     sha = save_centroids(run_store, centroids, stats)
     return dict(stats, sha256=sha)
+
+
+def use_all_cores() -> None:
+    """Ray pins OMP_NUM_THREADS to a task's num_cpus (1), which left faiss k-means on one core
+    while the rest of the node idled (nothing else runs during the fit): use them all."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, n or 1))
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, n or 1))
+    except ImportError:
+        pass
+
+
+def gather_sample(samples: list[Any]) -> np.ndarray:
+    """Copy the sample parts into one preallocated array, one part at a time, so the task
+    holds the sample once (plus one part), not the parts and their concatenation."""
+    n = d = 0
+    shapes = []
+    for ref in samples:
+        p = ray.get(ref)
+        shapes.append(p.shape)
+        if len(p):
+            n += p.shape[0]
+            d = p.shape[1]
+        del p
+    x = np.empty((n, d), np.float32)
+    o = 0
+    for ref, shape in zip(samples, shapes):
+        if shape[0]:
+            x[o : o + shape[0]] = ray.get(ref)
+            o += shape[0]
+    return x
 
 
 def call(fn_name: str, *args: Any) -> Any:

@@ -3,30 +3,100 @@
 Metric cosine: rows and centroids are unit vectors, distance = 1 - cos. Metric l2: Euclidean
 distance. The search keeps the two nearest prototypes so that the margin (second - first) is
 available as an extra score column.
+
+Two exact backends:
+
+* ``faiss``: an IndexFlatIP / IndexFlatL2 (faiss-gpu when present and asked for).
+* ``torch``: a chunked low-precision GEMM (bf16, or fp16 for cosine) that keeps the top
+  ``CANDIDATES`` prototypes of every row, then an fp32 re-score of those candidates.
+  A row is *certified* when its best exact score beats the best possible score of any
+  non-candidate (the lowest low-precision candidate score plus the precision's error bound);
+  every other row is searched again in full fp32. The result is the fp32 brute-force answer:
+  the same cluster except true fp32 ties, and the distance from the exact re-score.
+  The second-nearest distance (the extra `margin` column) is exact when the second candidate
+  is certified too (or the row was re-checked); otherwise it is the exact distance of the best
+  other candidate, which can exceed the true second-nearest distance by at most twice the
+  error bound (about 0.03 in cosine distance for bf16; `stats["second_exact"]` counts the
+  exact ones). Certifying the second as well would re-check most rows of typical data, whose
+  second and third prototypes are nearly equidistant.
+
+``backend="auto"`` (or the environment variable PROTOPRUNE_SEARCH_BACKEND=faiss|torch|auto,
+read by every worker) picks faiss-gpu when a GPU and faiss-gpu are present, torch on CUDA when only
+a GPU is, and faiss on CPU. The choice is a fixed rule, never a timing: the two backends agree on
+the cluster but their fp32 distances can differ in the last bit, and a keep list must not depend
+on which backend a worker happened to pick. On these CPUs the bf16 torch path measured no faster
+than faiss's fp32 IndexFlatIP on real shards (benchmarks/README.md); pin `torch` to try it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
+
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = 3  # low-precision top-m kept per row and re-scored exactly
+_UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
+
+
+def error_bound(precision: str, d: int) -> float:
+    """Bound on |low-precision dot - exact dot| per unit of ||x||·||c||.
+
+    Inputs rounded to the precision (relative error u each), products accumulated in fp32
+    (gamma_d = d·2^-24 / (1 - d·2^-24), any summation order) and the output rounded to the
+    precision again (u): 3u + 4u² + 2·gamma_d, a worst case (Cauchy-Schwarz on the rounding
+    errors), so the re-check never misses a row.
+    """
+    u = _UNIT_ROUNDOFF[precision]
+    g = d * 2.0**-24 / (1 - d * 2.0**-24)
+    return 3 * u + 4 * u * u + 2 * g
 
 
 class NearestPrototype:
-    """Holds a faiss flat index over the centroids; `search` is exact."""
+    """Exact nearest and second-nearest prototype of each row; see the module docstring."""
 
-    def __init__(self, centroids: np.ndarray, metric: str, use_gpu: bool = False):
-        import faiss
-
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        metric: str,
+        use_gpu: bool = False,
+        backend: str = "auto",
+        precision: str = "bf16",
+        chunk_rows: int | None = None,
+    ):
+        if metric not in ("cosine", "l2"):
+            raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+        if backend not in ("auto", "faiss", "torch"):
+            raise ValueError(f"backend must be auto, faiss or torch, got {backend!r}")
+        if precision not in _UNIT_ROUNDOFF:
+            raise ValueError(f"precision must be bf16 or fp16, got {precision!r}")
+        if precision == "fp16" and metric != "cosine":
+            raise ValueError("precision fp16 is only safe for metric cosine (range); use bf16")
         self.metric = metric
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        k, d = self.centroids.shape
-        self.k, self.d = k, d
-        index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-        if use_gpu:
-            res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(res, 0, index)
-            self._res = res
-        index.add(self.centroids)
-        self.index = index
+        self.k, self.d = self.centroids.shape
+        if backend == "auto":  # operators and benchmarks may pin it for every worker
+            backend = os.environ.get("PROTOPRUNE_SEARCH_BACKEND", "auto") or "auto"
+            if backend not in ("auto", "faiss", "torch"):
+                raise ValueError(
+                    f"PROTOPRUNE_SEARCH_BACKEND must be auto, faiss or torch: {backend!r}"
+                )
+        self.precision = precision
+        self.chunk_rows = chunk_rows
+        self._faiss = None
+        self._torch = None
+        self.backend = backend
+        if backend == "auto":
+            self.backend = "torch" if use_gpu and not has_faiss_gpu() and torch_cuda() else "faiss"
+        device = "cuda" if use_gpu and self.backend == "torch" and torch_cuda() else "cpu"
+        if self.backend == "faiss":
+            self._faiss = FaissSearch(self.centroids, metric, use_gpu and has_faiss_gpu())
+        if self.backend == "torch":
+            self._torch = TorchTopKSearch(self.centroids, metric, device, precision, chunk_rows)
+        self.device = device if self.backend == "torch" else ("cuda" if use_gpu else "cpu")
 
     def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(cluster int32, distance float32, second-nearest distance float32) per row.
@@ -34,10 +104,37 @@ class NearestPrototype:
         For cosine, x must already be L2-normalised.
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[1] != self.d:
+        if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(
-                f"embedding width {x.shape[1]} does not match the prototypes' {self.d}"
+                f"embedding width {x.shape[-1]} does not match the prototypes' {self.d}"
             )
+        if self.backend == "torch":
+            return self._torch.search(x)
+        return self._faiss.search(x)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Rows searched and rows re-checked in full by the torch backend (empty otherwise)."""
+        return dict(self._torch.stats) if self._torch is not None else {}
+
+
+class FaissSearch:
+    """A faiss flat index over the centroids: exact fp32 top-2."""
+
+    def __init__(self, centroids: np.ndarray, metric: str, use_gpu: bool = False):
+        import faiss
+
+        self.metric = metric
+        self.k, d = centroids.shape
+        index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+        if use_gpu:
+            res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(res, 0, index)
+            self._res = res
+        index.add(centroids)
+        self.index = index
+
+    def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         kk = min(2, self.k)
         sims, idx = self.index.search(x, kk)
         if self.metric == "cosine":
@@ -46,6 +143,173 @@ class NearestPrototype:
             dist = np.sqrt(np.maximum(sims, 0.0)).astype(np.float32)
         second = dist[:, 1] if kk == 2 else np.full(len(x), np.inf, np.float32)
         return idx[:, 0].astype(np.int32), dist[:, 0].copy(), second.copy()
+
+
+class TorchTopKSearch:
+    """Low-precision GEMM top-m, fp32 re-score, full fp32 search of the uncertain rows.
+
+    Scores are "larger is nearer": cosine s = x·c; l2 s = x·c - ||c||²/2 (so that
+    ||x - c||² = ||x||² - 2s).
+    """
+
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        metric: str,
+        device: str = "cpu",
+        precision: str = "bf16",
+        chunk_rows: int | None = None,
+    ):
+        import torch
+
+        self.torch = torch
+        self.metric = metric
+        self.device = torch.device(device)
+        self.k, self.d = centroids.shape
+        self.m = min(CANDIDATES, self.k)
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        self.eps = error_bound(precision, self.d)
+        if self.device.type == "cuda":
+            # fp32 accumulation inside the low-precision GEMM, true fp32 in the full re-check
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        c = torch.from_numpy(np.array(centroids, np.float32)).to(self.device)  # own, writable
+        self.c32 = c
+        self.cT_low = c.to(self.dtype).T.contiguous()
+        self.cT32 = c.T.contiguous()
+        hn = 0.5 * (c.double() ** 2).sum(1)
+        self.half_norm32 = hn.float()
+        self.cmax = float(torch.sqrt(2 * hn).max()) if self.k else 0.0
+        self.hnmax = float(hn.max()) if metric == "l2" and self.k else 0.0
+        self.g32 = 2 * self.d * 2.0**-24 / (1 - self.d * 2.0**-24)
+        if chunk_rows is None:
+            # bound the [chunk, k] score matrix: ~256 MB on a GPU, ~32 MB on a CPU
+            budget = (256 << 20) if self.device.type == "cuda" else (32 << 20)
+            chunk_rows = max(256, min(65536, budget // (4 * max(self.k, 1))))
+        self.chunk_rows = chunk_rows
+        self.stats = {"rows": 0, "rechecked": 0, "second_exact": 0}
+
+    def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = len(x)
+        cluster = np.empty(n, np.int32)
+        dist = np.empty(n, np.float32)
+        second = np.empty(n, np.float32)
+        with warnings.catch_warnings():  # x may be a read-only Arrow/Ray buffer: only read here
+            warnings.simplefilter("ignore", UserWarning)
+            xt = self.torch.from_numpy(x)
+        for a in range(0, n, self.chunk_rows):
+            b = min(n, a + self.chunk_rows)
+            ci, d1, d2 = self.search_device(xt[a:b].to(self.device, non_blocking=True))
+            cluster[a:b] = ci.cpu().numpy()
+            dist[a:b] = d1.cpu().numpy()
+            second[a:b] = d2.cpu().numpy()
+        return cluster, dist, second
+
+    def search_device(self, x32):
+        """One chunk already on the device (float32 [n, d] tensor) -> (cluster int32,
+        distance float32, second-nearest distance float32) tensors on the device."""
+        return self._chunk(x32)
+
+    def _low_scores(self, x32):
+        """Low-precision scores [n, k]: kept in bf16/fp16 for cosine (topk reads them as is)."""
+        s = x32.to(self.dtype) @ self.cT_low
+        if self.metric == "l2":
+            s = s.float() - self.half_norm32
+        return s
+
+    def _exact(self, x32, cand):
+        """fp32 scores of the candidate prototypes [n, m] (one small batched dot per row)."""
+        cg = self.c32[cand]  # [n, m, d]
+        ex = self.torch.bmm(cg, x32.unsqueeze(2)).squeeze(2)
+        if self.metric == "l2":
+            ex = ex - self.half_norm32[cand]
+        return ex
+
+    def _chunk(self, x32):
+        torch = self.torch
+        n = x32.shape[0]
+        m = self.m
+        low = self._low_scores(x32)
+        lv, cand = low.topk(m, dim=1)  # sorted descending
+        lv = lv.float()
+        del low
+        ex = self._exact(x32, cand)
+        # order the candidates by exact score, ties to the lower prototype index
+        order = _order_desc(torch, ex, cand)
+        ex = torch.gather(ex, 1, order)
+        cand = torch.gather(cand, 1, order)
+        if m < self.k:
+            xnorm = torch.linalg.vector_norm(x32, dim=1)
+            xc = xnorm * self.cmax
+            eps = self.eps * xc
+            # fp32 rounding: of the half norms (l2), and of the exact re-score itself
+            eps = eps + self.g32 * (xc + self.hnmax) + 2.0**-23 * (xc + self.hnmax)
+            bound = lv[:, m - 1] + eps  # the best any non-candidate can score
+            ok = ex[:, 0] > bound
+            sec_ok = (ex[:, 1] > bound) if m > 1 else ok
+            bad = torch.nonzero(~ok).flatten()
+            if bad.numel():
+                ex_b, cand_b = self._full(x32[bad])
+                ex[bad] = ex_b
+                cand[bad] = cand_b
+                sec_ok[bad] = True
+            self.stats["rechecked"] += int(bad.numel())
+            self.stats["second_exact"] += int(sec_ok.sum())
+        else:
+            self.stats["second_exact"] += n
+        self.stats["rows"] += n
+        d1, d2 = self._distances(ex, x32, cand)
+        return cand[:, 0].to(torch.int32), d1, d2
+
+    def _full(self, x32):
+        """Full fp32 search of some rows: fp32 top-m, then the re-score, re-ordered."""
+        s = x32 @ self.cT32
+        if self.metric == "l2":
+            s -= self.half_norm32
+        _, cand = s.topk(self.m, dim=1)
+        ex = self._exact(x32, cand)
+        order = _order_desc(self.torch, ex, cand)
+        return self.torch.gather(ex, 1, order), self.torch.gather(cand, 1, order)
+
+    def _distances(self, ex, x32, cand):
+        torch = self.torch
+        if self.metric == "cosine":
+            d = 1.0 - ex[:, :2]
+        else:
+            # direct ||x - c|| of the two best (no cancellation near a prototype)
+            diff = x32[:, None, :] - self.c32[cand[:, :2]]
+            d = torch.linalg.vector_norm(diff, dim=2)
+        d = d.float()
+        d2 = d[:, 1] if d.shape[1] > 1 else torch.full_like(d[:, 0], float("inf"))
+        return d[:, 0], d2
+
+
+def _order_desc(torch, ex, cand):
+    """Column order sorting each row by exact score descending, then prototype index."""
+    o1 = torch.argsort(cand, dim=1, stable=True)
+    ex1 = torch.gather(ex, 1, o1)
+    o2 = torch.argsort(-ex1, dim=1, stable=True)
+    return torch.gather(o1, 1, o2)
+
+
+def has_faiss_gpu() -> bool:
+    """True when the faiss module is a GPU build and sees a GPU."""
+    try:
+        import faiss
+
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def torch_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def brute_force_nearest(x: np.ndarray, centroids: np.ndarray, metric: str):

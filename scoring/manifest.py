@@ -44,21 +44,41 @@ def write_marker(store: Store, stage: str, index: int, payload: dict[str, Any]) 
 _MARKER_RE = re.compile(r"shard-(\d+)\.json$")
 
 
-def committed(store: Store, stage: str) -> dict[int, dict[str, Any]]:
-    """All markers of a stage (one listing, then one small read per marker), by shard index."""
-    out: dict[int, dict[str, Any]] = {}
+def committed(store: Store, stage: str, threads: int = 32) -> dict[int, dict[str, Any]]:
+    """All markers of a stage (one listing, then the small marker reads in parallel: at ~10 ms
+    per object-store GET, 100,000 markers take minutes sequentially), by shard index."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    found = []
     for key in store.list(f"_commits/{stage}/", suffix=".json"):
         m = _MARKER_RE.search(key)
         if m:
-            try:
-                out[int(m.group(1))] = json.loads(store.get_bytes(key))
-            except (ValueError, FileNotFoundError):
-                continue  # a torn or vanished marker counts as missing
-    return out
+            found.append((int(m.group(1)), key))
+
+    def _read(key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(store.get_bytes(key))
+        except (ValueError, FileNotFoundError):
+            return None  # a torn or vanished marker counts as missing
+
+    if len(found) <= 1 or threads <= 1:
+        docs = [_read(k) for _, k in found]
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, len(found))) as ex:
+            docs = list(ex.map(_read, [k for _, k in found]))
+    return {i: d for (i, _), d in zip(found, docs) if d is not None}
+
+
+COMPACT_ABOVE = 10_000  # list items above which a document is written without indentation
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, indent=1, sort_keys=False, default=_default).encode()
+    """Indented JSON for people; compact for documents with huge lists (100,000 shards),
+    where json's indenting encoder (pure Python) is ~10x slower than the C one."""
+    big = isinstance(obj, dict) and any(
+        isinstance(v, list) and len(v) > COMPACT_ABOVE for v in obj.values()
+    )
+    return json.dumps(obj, indent=None if big else 1, sort_keys=False, default=_default).encode()
 
 
 def write_json(store: Store, key: str, obj: Any) -> None:

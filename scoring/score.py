@@ -8,6 +8,7 @@ reduce stage.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pyarrow as pa
 from scoring import manifest
 from scoring.assign import NearestPrototype
 from scoring.config import RunConfig
-from scoring.prototypes import normalize, sample_rows
+from scoring.prototypes import normalize, sample_groups
 from scoring.shards import Shard, embedding_matrix, read_shard
 from scoring.storage import Store
 
@@ -63,7 +64,9 @@ def read_shard_columns(in_store: Store, shard: Shard, columns: list[str], where:
 
 
 def check_finite(x: np.ndarray, ids: pa.Array, where: str, column: str) -> None:
-    if x.size and not np.isfinite(x).all():
+    # A NaN/inf anywhere in a row makes its sum of squares non-finite: one read pass, no
+    # n x d boolean temporary; the exact row is searched only when something is wrong.
+    if x.size and not np.isfinite(np.einsum("ij,ij->i", x, x)).all() and not np.isfinite(x).all():
         row = int(np.nonzero(~np.isfinite(x).all(axis=1))[0][0])
         raise ValueError(
             f"{where}: column '{column}' has NaN or inf in the embedding of id {ids[row].as_py()!r}"
@@ -74,9 +77,34 @@ def sample_shard(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> n
     """This shard's rows of the prototype sample (float32, normalised for cosine)."""
     if count == 0:
         return np.zeros((0, 0), np.float32)
-    _, x = load_embeddings(cfg, in_store, shard)
-    x = x[sample_rows(shard.index, shard.rows, count, cfg.seed)]
+    sub, rows = sample_subshard(in_store, shard, count, cfg.seed)
+    _, x = load_embeddings(cfg, in_store, sub)
+    x = x[rows]
     return normalize(x) if cfg.metric == "cosine" else x
+
+
+def sample_subshard(
+    in_store: Store, shard: Shard, count: int, seed: int
+) -> tuple[Shard, np.ndarray]:
+    """The part of a shard its sample share is read from (a few of its row groups, see
+    prototypes.sample_groups) and the row positions to take from that part. The part's
+    row_groups need not be contiguous."""
+    pf = in_store.parquet_file(shard.file)
+    try:
+        md = pf.metadata
+        group_rows = [md.row_group(g).num_rows for g in shard.row_groups]
+    finally:
+        try:
+            pf.reader.close()
+        except Exception:  # noqa: BLE001
+            pass
+    picked, rows = sample_groups(group_rows, count, seed, shard.index)
+    sub = dataclasses.replace(
+        shard,
+        row_groups=tuple(shard.row_groups[i] for i in picked),
+        rows=int(sum(group_rows[i] for i in picked)),
+    )
+    return sub, rows
 
 
 def scores_table(

@@ -8,7 +8,7 @@ run over the same input gets the same shards in the same order.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,9 +25,16 @@ class Shard:
     row_offset: int  # global index of the shard's first row (deterministic sampling)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["row_groups"] = [self.row_groups[0], self.row_groups[-1] + 1] if self.row_groups else []
-        return d
+        # built by hand: dataclasses.asdict deep-copies and took ~0.2 ms per shard, 20 s of
+        # driver time for a 100,000-shard run.json
+        rg = self.row_groups
+        return {
+            "index": self.index,
+            "file": self.file,
+            "row_groups": [rg[0], rg[-1] + 1] if rg else [],
+            "rows": self.rows,
+            "row_offset": self.row_offset,
+        }
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Shard:

@@ -162,7 +162,8 @@ def test_cli_log_format_json(demo_input):
     # every protoprune log line is JSON: no text-format line of our loggers is left
     assert not [x for x in r.stderr.splitlines() if " INFO protoprune" in x]
     done = {d["stage"]: d for d in ours if d.get("event") == "done"}
-    assert set(done) == {"sample", "score", "reduce: stats", "reduce: keep"}
+    # a global rule (hard): the range pass annotates, then the keep pass selects
+    assert set(done) == {"sample", "score", "reduce: stats", "reduce: ranges", "reduce: keep"}
     assert done["score"]["shards_done"] == done["score"]["shards_total"] == 4
     assert done["score"]["rows"] == 4000 and done["score"]["shards_failed"] == 0
     assert done["score"]["rows_per_s"] > 0

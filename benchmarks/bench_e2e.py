@@ -1,0 +1,201 @@
+"""Score stage end to end (plan, sample + k-means, score, reduce to a keep list) on N x d
+precomputed embeddings, from Parquet on local disk and from a local S3 server, against a bare
+script doing the same work in one process: pyarrow read, faiss k-means on a sample of the same
+size, IndexFlatIP search, argpartition. Prints throughputs, the ratio protoprune / bare, and the
+search's effective GFLOP/s against the measured GEMM peaks.
+
+    python benchmarks/bench_e2e.py                      # 1M x 384, k = 1000, local + S3
+    python benchmarks/bench_e2e.py --rows 200000 --where local
+
+Ray start-up (~5 s) is excluded from the timings and reported apart. Set PP_BENCH_DIR to put
+the generated data elsewhere than the temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+from _common import (
+    LocalS3,
+    bench_dir,
+    gemm_peak_fp32,
+    gemm_peak_torch,
+    header,
+    init_ray,
+    loadavg,
+    shutdown_ray,
+    write_embeddings,
+)
+
+
+def bare(paths: list[str], fs, k: int, sample: int, iters: int, keep: float, seed: int):
+    """The baseline: everything in one process, no sharding, no commits."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = {}
+    t0 = time.perf_counter()
+    tables = [pq.read_table(p, filesystem=fs, columns=["id", "embedding"]) for p in paths]
+    table = pa.concat_tables(tables)
+    emb = table["embedding"].combine_chunks()
+    d = emb.type.list_size
+    x = emb.flatten().to_numpy().reshape(-1, d)
+    ids = table["id"].to_numpy()
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.ascontiguousarray(x, np.float32)
+    t["read"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    s = x[np.sort(rng.choice(len(x), size=min(sample, len(x)), replace=False))]
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=iters,
+        seed=seed,
+        spherical=True,
+        max_points_per_centroid=(len(s) + k - 1) // k + 1,
+        min_points_per_centroid=1,
+        early_stop_threshold=-1.0,
+    )
+    km.train(s)
+    t["kmeans"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    index = faiss.IndexFlatIP(d)
+    index.add(km.centroids)
+    sims, _ = index.search(x, 1)
+    t["search"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    dist = 1.0 - sims[:, 0]
+    n_keep = int(keep * len(x))
+    kept = ids[np.argpartition(-dist, n_keep - 1)[:n_keep]]
+    t["select"] = time.perf_counter() - t3
+    t["total"] = time.perf_counter() - t0
+    assert len(kept) == n_keep
+    return t
+
+
+def protoprune(inp: str, out: str, k: int, sample: int, iters: int, keep: float, run_id: str):
+    from ray_jobs.driver import run
+    from scoring.config import RunConfig
+
+    cfg = RunConfig(
+        input=inp,
+        output=out,
+        run_id=run_id,
+        k=k,
+        sample_size=sample,
+        kmeans_iters=iters,
+        keep_fraction=keep,
+        strategy="hard",
+        quiet=True,
+    )
+    t0 = time.perf_counter()
+    doc = run(cfg, quiet=True)
+    total = time.perf_counter() - t0
+    t = dict(doc["timings_seconds"])
+    t["total"] = total
+    assert doc["rows_kept"] == int(keep * doc["rows_in"])
+    return t
+
+
+def fmt(t: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--sample", type=int, default=64_000, help="k-means sample (both sides)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--files", type=int, default=10)
+    ap.add_argument("--keep", type=float, default=0.5)
+    ap.add_argument("--where", choices=["local", "s3", "both"], default="both")
+    ap.add_argument(
+        "--backends",
+        default="auto",
+        help="comma list of search backends to run protoprune with (auto, faiss, torch)",
+    )
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    header(f"bench_e2e: {args.rows:,} x {args.dim}, k = {args.k}, sample {args.sample:,}")
+    data = bench_dir(f"e2e-{args.rows}-{args.dim}")
+    t0 = time.perf_counter()
+    paths = write_embeddings(data, args.rows, args.dim, files=args.files)
+    print(f"data: {data} ({time.perf_counter() - t0:.0f}s to prepare)")
+    p32 = gemm_peak_fp32()
+    pbf = gemm_peak_torch("bf16")
+    print(f"GEMM peak: fp32 (numpy/faiss BLAS) {p32:.0f} GFLOP/s, bf16 (torch) {pbf:.0f} GFLOP/s")
+    flops = 2.0 * args.rows * args.k * args.dim
+    t0 = time.perf_counter()
+    tmp = init_ray()
+    print(f"ray.init: {time.perf_counter() - t0:.1f}s (excluded below)")
+    s3 = None
+    rows = []
+    try:
+        wheres = ["local", "s3"] if args.where == "both" else [args.where]
+        for where in wheres:
+            if where == "local":
+                inp, fs = data, None
+                out = bench_dir("e2e-runs")
+            else:
+                if s3 is None:
+                    shutdown_ray(tmp)  # workers must start after the S3 environment is set
+                    s3 = LocalS3()
+                    tmp = init_ray()
+                bucket = s3.new_bucket()
+                inp = s3.upload(paths, bucket, "data")
+                out = f"s3://{bucket}/runs"
+                import s3fs
+
+                fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint)
+            bpaths = (
+                paths if where == "local" else [f"{inp[5:]}/{os.path.basename(p)}" for p in paths]
+            )
+            tb = bare(bpaths, fs, args.k, args.sample, args.iters, args.keep, 0)
+            print(f"[{where}] bare:       total {tb['total']:.1f}s ({fmt(tb)})")
+            for backend in args.backends.split(","):
+                os.environ["PROTOPRUNE_SEARCH_BACKEND"] = backend
+                run_id = f"{where}-{backend}-{time.time_ns()}"
+                tp = protoprune(inp, out, args.k, args.sample, args.iters, args.keep, run_id)
+                ratio = tb["total"] / tp["total"]
+                print(
+                    f"[{where}] protoprune ({backend}): total {tp['total']:.1f}s ({fmt(tp)}); "
+                    f"throughput {args.rows / tp['total']:,.0f} rows/s vs bare "
+                    f"{args.rows / tb['total']:,.0f} rows/s: ratio {ratio:.2f}x"
+                )
+                rows.append((where, backend, tb, tp, ratio))
+                if where == "local":
+                    shutil.rmtree(os.path.join(out, run_id), ignore_errors=True)
+    finally:
+        shutdown_ray(tmp)
+        os.environ.pop("PROTOPRUNE_SEARCH_BACKEND", None)
+        if s3 is not None:
+            s3.stop()
+    print()
+    print("| input | search backend | bare s | protoprune s | ratio | score-stage GFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for where, backend, tb, tp, ratio in rows:
+        print(
+            f"| {where} | {backend} | {tb['total']:.1f} | {tp['total']:.1f} | {ratio:.2f}x | "
+            f"{flops / tp['score'] / 1e9:.0f} |"
+        )
+    if rows:
+        tb = rows[0][2]
+        print(
+            f"bare IndexFlatIP search: {flops / tb['search'] / 1e9:.0f} GFLOP/s "
+            f"({flops / tb['search'] / 1e9 / p32:.0%} of the fp32 peak); "
+            f"score stage GFLOP/s counts the whole stage (read, normalise, search, write)"
+        )
+    print(f"load average at end: {loadavg():.1f}")
+
+
+if __name__ == "__main__":
+    main()
