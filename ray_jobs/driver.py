@@ -18,6 +18,7 @@ import numpy as np
 
 from scoring import manifest
 from scoring.config import RunConfig
+from scoring.embed import content_column
 from scoring.prototypes import load_committed, sample_counts
 from scoring.select import ThresholdSearch, balanced_quotas, key_bits, plan_cluster_ranges
 from scoring.shards import Shard, plan_shards
@@ -61,6 +62,29 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def worker_resources(cfg: RunConfig, n_shards: int) -> tuple[int, dict[str, float], bool]:
+    """(actors, ray resource options, use_gpu) of the ShardWorker pool.
+
+    Default: one actor per GPU in the cluster (num_gpus=1), else one per CPU. With
+    --gpus-per-worker G (fractions allowed) there are floor(GPUs / G) actors; with
+    --cpus-per-worker C on a CPU cluster floor(CPUs / C). --workers overrides the count.
+    """
+    gpus = cluster_gpus()
+    cpus = cluster_cpus()
+    g = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    c = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else 1.0
+    if g > 0 and gpus == 0:
+        raise ValueError(f"gpus_per_worker = {g} but the Ray cluster has no GPU")
+    if g > gpus > 0:
+        raise ValueError(f"gpus_per_worker = {g} is more than the cluster's {gpus} GPU(s)")
+    if g > 0:
+        n = int(gpus / g + 1e-9)
+    else:
+        n = int(cpus / c + 1e-9) if c > 0 else cpus
+    n = max(1, min(cfg.workers or n, n_shards))
+    return n, {"num_gpus": g, "num_cpus": c}, g > 0
 
 
 # -- progress ----------------------------------------------------------------------------------
@@ -153,6 +177,7 @@ class Run:
         self.store = self.out_root.child(cfg.run_id)
         self.timings: dict[str, float] = {}
         self.shards: list[Shard] = []
+        self.cached: dict[int, Any] = {}  # shard -> ObjectRef of its embeddings (whole sample)
 
     # ---- plan and run.json
     def plan(self) -> None:
@@ -160,7 +185,7 @@ class Run:
         cfg = self.cfg
         files, shards, schemas = plan_shards(self.in_store, cfg.shard_rows)
         for key, schema in schemas.items():
-            for col in (cfg.id_column, cfg.embedding_column):
+            for col in (cfg.id_column, content_column(cfg)):
                 if col not in schema.names:
                     raise ValueError(
                         f"{self.in_store.uri(key)}: column '{col}' not found "
@@ -225,20 +250,10 @@ class Run:
         counts = sample_counts([s.rows for s in self.shards], cfg.effective_sample_size)
         todo = [(s, int(c)) for s, c in zip(self.shards, counts) if c > 0]
         prog = Progress("sample", len(todo), int(counts.sum()), self.quiet)
-        sample_remote = ray.remote(num_cpus=1, max_retries=3)(workers.sample_task)
-        refs = []
-        # Bounded submission: sample arrays stay in the object store, never on the driver.
-        pending: list[Any] = []
-        for shard, c in todo:
-            if len(pending) >= 2 * cluster_cpus():
-                ready, pending = ray.wait(pending, num_returns=1)
-                self._count_ready(ready, prog)
-            ref = sample_remote.remote(cfg, self.in_store, shard, c)
-            refs.append(ref)
-            pending.append(ref)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            self._count_ready(ready, prog)
+        if cfg.text_column or cfg.image_column:
+            refs = self._sample_on_actors(todo, prog)
+        else:
+            refs = self._sample_tasks(todo, prog)
         prog.close()
         use_gpu = cluster_gpus() > 0
         fit = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(workers.fit_task)
@@ -256,6 +271,65 @@ class Run:
         got = load_committed(self.store)
         assert got is not None
         return got
+
+    def _sample_tasks(self, todo: list[tuple[Shard, int]], prog: Progress) -> list[Any]:
+        """Precomputed embeddings: one Ray task per shard reads its sample rows."""
+        import ray
+
+        from ray_jobs import workers
+
+        sample_remote = ray.remote(num_cpus=1, max_retries=3)(workers.sample_task)
+        calls = [
+            lambda s=s, c=c: sample_remote.remote(self.cfg, self.in_store, s, c) for s, c in todo
+        ]
+        return self._bounded(calls, 2 * cluster_cpus(), prog)
+
+    def _sample_on_actors(self, todo: list[tuple[Shard, int]], prog: Progress) -> list[Any]:
+        """Raw content: ShardWorker actors (the embedder loaded once each) embed only the
+        sample rows. A shard whose sample is the whole shard keeps its embeddings (the
+        ObjectRef, in self.cached) for the score stage, so no row is embedded twice."""
+        import ray
+
+        from ray_jobs.workers import ShardWorker
+
+        n, res, use_gpu = worker_resources(self.cfg, len(todo))
+        cls = ray.remote(
+            max_restarts=self.cfg.max_retries,
+            max_task_retries=self.cfg.max_retries,
+            max_concurrency=2,
+            **res,
+        )(ShardWorker)
+        actors = [
+            cls.remote(self.cfg, self.in_store, self.store, None, "", use_gpu) for _ in range(n)
+        ]
+        calls = [
+            lambda i=i, s=s, c=c: actors[i % n].sample.remote(s, c) for i, (s, c) in enumerate(todo)
+        ]
+        try:
+            refs = self._bounded(calls, IN_FLIGHT_PER_WORKER * n, prog)
+        finally:
+            for a in actors:
+                ray.kill(a)
+        self.cached = {s.index: r for (s, c), r in zip(todo, refs) if c >= s.rows}
+        return refs
+
+    def _bounded(self, calls: list[Callable[[], Any]], limit: int, prog: Progress) -> list[Any]:
+        """Submit calls with at most `limit` in flight; results stay in the object store."""
+        import ray
+
+        refs: list[Any] = []
+        pending: list[Any] = []
+        for call_ in calls:
+            if len(pending) >= limit:
+                ready, pending = ray.wait(pending, num_returns=1)
+                self._count_ready(ready, prog)
+            ref = call_()
+            refs.append(ref)
+            pending.append(ref)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            self._count_ready(ready, prog)
+        return refs
 
     def _count_ready(self, ready: list[Any], prog: Progress) -> None:
         import ray
@@ -286,16 +360,17 @@ class Run:
         log.info("score: %d shards committed, %d to do", len(done), len(todo))
         if not todo:
             return
-        gpus = cluster_gpus()
-        n_workers = cfg.workers or (gpus if gpus else cluster_cpus())
-        n_workers = max(1, min(n_workers, len(todo)))
-        res = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        actor_cls = ray.remote(max_restarts=cfg.max_retries, max_task_retries=0, **res)(ShardWorker)
+        n_workers, res, use_gpu = worker_resources(cfg, len(todo))
+        # max_concurrency=2: the actor reads its next shard while it computes the current one
+        actor_cls = ray.remote(
+            max_restarts=cfg.max_retries, max_task_retries=0, max_concurrency=2, **res
+        )(ShardWorker)
         cref = ray.put(centroids)
         actors = [
-            actor_cls.remote(cfg, self.in_store, self.store, [cref], sha, bool(gpus))
+            actor_cls.remote(cfg, self.in_store, self.store, [cref], sha, use_gpu)
             for _ in range(n_workers)
         ]
+        cached = getattr(self, "cached", {})
         prog = Progress("score", len(todo), sum(s.rows for s in todo), self.quiet)
         failures: dict[int, str] = {}
         attempts: dict[int, int] = {}
@@ -306,7 +381,11 @@ class Run:
             while queue and min(load) < IN_FLIGHT_PER_WORKER:
                 w = int(np.argmin(load))
                 shard = queue.pop()
-                pending[actors[w].score.remote(shard)] = (shard, w)
+                c = cached.get(shard.index)
+                pending[actors[w].score.remote(shard, [c] if c is not None else None)] = (
+                    shard,
+                    w,
+                )
                 load[w] += 1
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
@@ -337,6 +416,7 @@ class Run:
                 )
         for a in actors:
             ray.kill(a)
+        self.cached = {}
         self.timings["score"] = prog.close()
         if failures:
             names = "; ".join(

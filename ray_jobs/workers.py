@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -18,34 +19,83 @@ log = logging.getLogger(__name__)
 
 
 class ShardWorker:
-    """One per GPU (or CPU slot). Loads the prototypes once, then scores shard after shard."""
+    """One per GPU (or CPU slot). Loads the embedder and the prototypes once, then scores
+    shard after shard.
+
+    Created with `max_concurrency=2` and fed two shards at a time: each call reads its shard
+    (IO) outside the compute lock, so the next shard is read while the current one is embedded
+    and searched; embedding, search and writes run under the lock, one shard at a time.
+    With `centroids=None` the actor only serves `sample` (the prototype stage).
+    """
 
     def __init__(
         self,
         cfg: RunConfig,
         in_store: Store,
         run_store: Store,
-        centroids: np.ndarray,
+        centroids: np.ndarray | list | None,
         prototypes_sha: str,
         use_gpu: bool = False,
     ):
         from scoring.assign import NearestPrototype
+        from scoring.embed import ShardEmbedder, device_for
 
         self.cfg, self.in_store, self.run_store = cfg, in_store, run_store
         self.prototypes_sha = prototypes_sha
-        if isinstance(centroids, list):  # [ObjectRef]: nested, so a restart can re-fetch it
-            centroids = ray.get(centroids[0])
-        self.searcher = NearestPrototype(
-            centroids, cfg.metric, use_gpu=use_gpu and _has_faiss_gpu()
-        )
+        self.lock = threading.Lock()
+        threads = int(cfg.cpus_per_worker) if cfg.cpus_per_worker else None
+        self.source = ShardEmbedder(cfg, in_store, device_for(use_gpu), threads=threads)
+        self.searcher = None
+        if centroids is not None:
+            if isinstance(centroids, list):  # [ObjectRef]: nested, so a restart can re-fetch it
+                centroids = ray.get(centroids[0])
+            self.searcher = NearestPrototype(
+                centroids, cfg.metric, use_gpu=use_gpu and _has_faiss_gpu()
+            )
 
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, shard: Shard) -> stage.ShardSummary:
-        return stage.score_shard(
-            self.cfg, self.in_store, self.run_store, shard, self.searcher, self.prototypes_sha
-        )
+    def score(self, shard: Shard, cached: list | None = None) -> stage.ShardSummary:
+        """Score a shard. `cached` = [ObjectRef of the shard's embeddings, all rows in order]
+        (kept from the prototype sample when it covered the whole shard): nothing is
+        embedded again."""
+        if cached is not None:
+            table = self.source.read(shard, [self.cfg.id_column])
+        else:
+            table = self.source.read(shard)  # prefetch: outside the lock
+        with self.lock:
+            if cached is not None:
+                x = ray.get(cached[0])
+                ids = table[self.cfg.id_column].combine_chunks()
+                assert len(x) == len(ids), (len(x), len(ids))
+
+                def source(_s: Shard):
+                    return ids, x
+            else:
+
+                def source(s: Shard):
+                    return self.source.embed(s, table=table)
+
+            return stage.score_shard(
+                self.cfg,
+                self.in_store,
+                self.run_store,
+                shard,
+                self.searcher,
+                self.prototypes_sha,
+                source=source,
+            )
+
+    def sample(self, shard: Shard, count: int) -> np.ndarray:
+        """The shard's prototype-sample rows, embedded (only those rows)."""
+        from scoring.prototypes import normalize, sample_rows
+
+        rows = sample_rows(shard.index, shard.rows, count, self.cfg.seed)
+        table = self.source.read(shard)
+        with self.lock:
+            _, x = self.source.embed(shard, table=table, rows=rows)
+        return normalize(x) if self.cfg.metric == "cosine" else x
 
 
 def _has_faiss_gpu() -> bool:

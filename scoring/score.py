@@ -78,12 +78,21 @@ def check_finite(x: np.ndarray, ids: pa.Array, where: str, column: str) -> None:
         )
 
 
-def sample_shard(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> np.ndarray:
-    """This shard's rows of the prototype sample (float32, normalised for cosine)."""
+def sample_shard(
+    cfg: RunConfig, in_store: Store, shard: Shard, count: int, source: Any = None
+) -> np.ndarray:
+    """This shard's rows of the prototype sample (float32, normalised for cosine).
+
+    With a `source` (a scoring.embed.ShardEmbedder), only the sample rows are embedded.
+    """
     if count == 0:
         return np.zeros((0, 0), np.float32)
+    rows = sample_rows(shard.index, shard.rows, count, cfg.seed)
+    if source is not None:
+        _, x = source.embed(shard, rows=rows)
+        return normalize(x) if cfg.metric == "cosine" else x
     _, x = load_embeddings(cfg, in_store, shard)
-    x = x[sample_rows(shard.index, shard.rows, count, cfg.seed)]
+    x = x[rows]
     return normalize(x) if cfg.metric == "cosine" else x
 
 
@@ -111,14 +120,20 @@ def score_shard(
     shard: Shard,
     searcher: NearestPrototype,
     prototypes_sha: str,
+    source: Any = None,
 ) -> ShardSummary:
-    """Score one shard and commit it: data first, marker last."""
+    """Score one shard and commit it: data first, marker last.
+
+    `source(shard) -> (ids, x)` embeds the shard (a scoring.embed.ShardEmbedder, or a closure
+    over prefetched data); None reads the precomputed embedding column.
+    """
     t0 = time.perf_counter()
-    ids, x = load_embeddings(cfg, in_store, shard)
+    ids, x = source(shard) if source is not None else load_embeddings(cfg, in_store, shard)
     if x.shape[1] != searcher.d:
         raise ValueError(
             f"{in_store.uri(shard.file)} (shard {shard.index}): column "
-            f"'{cfg.embedding_column}' has width {x.shape[1]}, the prototypes "
+            f"'{cfg.text_column or cfg.image_column or cfg.embedding_column}' "
+            f"has width {x.shape[1]}, the prototypes "
             f"have {searcher.d}"
         )
     if cfg.metric == "cosine":
