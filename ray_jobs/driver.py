@@ -178,6 +178,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.shards: list[Shard] = []
         self.cached: dict[int, Any] = {}  # shard -> ObjectRef of its embeddings (whole sample)
+        self._actors: list[Any] | None = None
 
     # ---- plan and run.json
     def plan(self) -> None:
@@ -288,30 +289,47 @@ class Run:
         """Raw content: ShardWorker actors (the embedder loaded once each) embed only the
         sample rows. A shard whose sample is the whole shard keeps its embeddings (the
         ObjectRef, in self.cached) for the score stage, so no row is embedded twice."""
+        actors = self.pool()
+        n = len(actors)
+        retries = self.cfg.max_retries  # sampling writes nothing: safe to retry on a lost actor
+        calls = [
+            lambda i=i, s=s, c=c: (
+                actors[i % n].sample.options(max_task_retries=retries).remote(s, c)
+            )
+            for i, (s, c) in enumerate(todo)
+        ]
+        try:
+            refs = self._bounded(calls, IN_FLIGHT_PER_WORKER * n, prog)
+        except BaseException:
+            self.close_pool()
+            raise
+        self.cached = {s.index: r for (s, c), r in zip(todo, refs) if c >= s.rows}
+        return refs
+
+    def pool(self) -> list[Any]:
+        """The run's ShardWorker actors, created once (each loads the embedder once) and
+        shared by the sample and score stages. max_concurrency=2: an actor reads its next
+        shard while it computes the current one."""
         import ray
 
         from ray_jobs.workers import ShardWorker
 
-        n, res, use_gpu = worker_resources(self.cfg, len(todo))
-        cls = ray.remote(
-            max_restarts=self.cfg.max_retries,
-            max_task_retries=self.cfg.max_retries,
-            max_concurrency=2,
-            **res,
-        )(ShardWorker)
-        actors = [
-            cls.remote(self.cfg, self.in_store, self.store, None, "", use_gpu) for _ in range(n)
-        ]
-        calls = [
-            lambda i=i, s=s, c=c: actors[i % n].sample.remote(s, c) for i, (s, c) in enumerate(todo)
-        ]
-        try:
-            refs = self._bounded(calls, IN_FLIGHT_PER_WORKER * n, prog)
-        finally:
-            for a in actors:
-                ray.kill(a)
-        self.cached = {s.index: r for (s, c), r in zip(todo, refs) if c >= s.rows}
-        return refs
+        if self._actors is None:
+            n, res, use_gpu = worker_resources(self.cfg, len(self.shards))
+            cls = ray.remote(
+                max_restarts=self.cfg.max_retries, max_task_retries=0, max_concurrency=2, **res
+            )(ShardWorker)
+            self._actors = [
+                cls.remote(self.cfg, self.in_store, self.store, None, "", use_gpu) for _ in range(n)
+            ]
+        return self._actors
+
+    def close_pool(self) -> None:
+        import ray
+
+        for a in self._actors or []:
+            ray.kill(a)
+        self._actors = None
 
     def _bounded(self, calls: list[Callable[[], Any]], limit: int, prog: Progress) -> list[Any]:
         """Submit calls with at most `limit` in flight; results stay in the object store."""
@@ -348,8 +366,6 @@ class Run:
     def score(self, centroids: np.ndarray, sha: str) -> None:
         import ray
 
-        from ray_jobs.workers import ShardWorker
-
         cfg = self.cfg
         done = {
             i
@@ -359,18 +375,12 @@ class Run:
         todo = [s for s in self.shards if s.index not in done]
         log.info("score: %d shards committed, %d to do", len(done), len(todo))
         if not todo:
+            self.close_pool()
             return
-        n_workers, res, use_gpu = worker_resources(cfg, len(todo))
-        # max_concurrency=2: the actor reads its next shard while it computes the current one
-        actor_cls = ray.remote(
-            max_restarts=cfg.max_retries, max_task_retries=0, max_concurrency=2, **res
-        )(ShardWorker)
-        cref = ray.put(centroids)
-        actors = [
-            actor_cls.remote(cfg, self.in_store, self.store, [cref], sha, use_gpu)
-            for _ in range(n_workers)
-        ]
-        cached = getattr(self, "cached", {})
+        actors = self.pool()
+        n_workers = len(actors)
+        proto = [ray.put(centroids), sha]  # nested ref: each actor fetches it once
+        cached = self.cached
         prog = Progress("score", len(todo), sum(s.rows for s in todo), self.quiet)
         failures: dict[int, str] = {}
         attempts: dict[int, int] = {}
@@ -382,10 +392,8 @@ class Run:
                 w = int(np.argmin(load))
                 shard = queue.pop()
                 c = cached.get(shard.index)
-                pending[actors[w].score.remote(shard, [c] if c is not None else None)] = (
-                    shard,
-                    w,
-                )
+                ref = actors[w].score.remote(shard, [c] if c is not None else None, proto)
+                pending[ref] = (shard, w)
                 load[w] += 1
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
@@ -414,8 +422,7 @@ class Run:
                 log.info(
                     "shard %d scored: %d rows in %.2fs", shard.index, summary.rows, summary.seconds
                 )
-        for a in actors:
-            ray.kill(a)
+        self.close_pool()
         self.cached = {}
         self.timings["score"] = prog.close()
         if failures:

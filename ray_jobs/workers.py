@@ -37,7 +37,6 @@ class ShardWorker:
         prototypes_sha: str,
         use_gpu: bool = False,
     ):
-        from scoring.assign import NearestPrototype
         from scoring.embed import ShardEmbedder, device_for
 
         self.cfg, self.in_store, self.run_store = cfg, in_store, run_store
@@ -45,26 +44,41 @@ class ShardWorker:
         self.lock = threading.Lock()
         threads = int(cfg.cpus_per_worker) if cfg.cpus_per_worker else None
         self.source = ShardEmbedder(cfg, in_store, device_for(use_gpu), threads=threads)
+        self.use_gpu = use_gpu
         self.searcher = None
         if centroids is not None:
-            if isinstance(centroids, list):  # [ObjectRef]: nested, so a restart can re-fetch it
-                centroids = ray.get(centroids[0])
-            self.searcher = NearestPrototype(
-                centroids, cfg.metric, use_gpu=use_gpu and _has_faiss_gpu()
-            )
+            self._load_prototypes(centroids, prototypes_sha)
+
+    def _load_prototypes(self, centroids: np.ndarray | list, sha: str) -> None:
+        from scoring.assign import NearestPrototype
+
+        if isinstance(centroids, list):  # [ObjectRef]: nested, so a restart can re-fetch it
+            centroids = ray.get(centroids[0])
+        self.searcher = NearestPrototype(
+            centroids, self.cfg.metric, use_gpu=self.use_gpu and _has_faiss_gpu()
+        )
+        self.prototypes_sha = sha
 
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, shard: Shard, cached: list | None = None) -> stage.ShardSummary:
+    def score(
+        self, shard: Shard, cached: list | None = None, prototypes: list | None = None
+    ) -> stage.ShardSummary:
         """Score a shard. `cached` = [ObjectRef of the shard's embeddings, all rows in order]
         (kept from the prototype sample when it covered the whole shard): nothing is
-        embedded again."""
+        embedded again. `prototypes` = [ObjectRef of the centroids, their sha256]: loaded
+        when they differ from the actor's (the same actors serve the sample stage first,
+        and a restarted actor reloads them on its next call)."""
         if cached is not None:
             table = self.source.read(shard, [self.cfg.id_column])
         else:
             table = self.source.read(shard)  # prefetch: outside the lock
         with self.lock:
+            if prototypes is not None and (
+                self.searcher is None or prototypes[1] != self.prototypes_sha
+            ):
+                self._load_prototypes([prototypes[0]], prototypes[1])
             if cached is not None:
                 x = ray.get(cached[0])
                 ids = table[self.cfg.id_column].combine_chunks()

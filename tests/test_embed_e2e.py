@@ -86,6 +86,7 @@ def test_text_run_scores_equal_encode(s3_server, ray_local):
             run_id=run_id,
             text_column="body",
             model=minilm_path(),
+            workers=1,  # one MiniLM per test run: the machine has 2 cores
             k=4,
             sample_size=sample_size,
             shard_rows=60,
