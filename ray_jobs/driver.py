@@ -256,9 +256,13 @@ class Run:
         else:
             refs = self._sample_tasks(todo, prog)
         prog.close()
-        use_gpu = cluster_gpus() > 0
-        fit = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(workers.fit_task)
-        stats = ray.get(fit.remote(cfg, self.store, refs, use_gpu))
+        if self._actors:
+            # the pool holds the cluster's GPUs/CPUs: fit inside one of its actors
+            stats = self._get_user(self._actors[0].fit.remote(refs))
+        else:
+            use_gpu = cluster_gpus() > 0
+            fit = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(workers.fit_task)
+            stats = ray.get(fit.remote(cfg, self.store, refs, use_gpu))
         del refs
         self.timings["prototypes"] = time.perf_counter() - t0
         log.info(
@@ -348,6 +352,19 @@ class Run:
             ready, pending = ray.wait(pending, num_returns=1)
             self._count_ready(ready, prog)
         return refs
+
+    def _get_user(self, ref: Any) -> Any:
+        """ray.get, re-raising a user error (bad data or settings) as itself."""
+        import ray
+
+        try:
+            return ray.get(ref)
+        except Exception as e:  # noqa: BLE001
+            cause = user_error(e)
+            if cause is not None:
+                self.close_pool()
+                raise cause from None
+            raise
 
     def _count_ready(self, ready: list[Any], prog: Progress) -> None:
         import ray
@@ -561,8 +578,11 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
         log.info("run %s is already committed", r.store.uri())
         return manifest.read_json(r.store, manifest.MANIFEST)
     ensure_ray(cfg.address)
-    centroids, sha = r.prototypes()
-    r.score(centroids, sha)
+    try:
+        centroids, sha = r.prototypes()
+        r.score(centroids, sha)
+    finally:
+        r.close_pool()
     doc = r.reduce(sha)
     r.commit(doc)
     return doc

@@ -101,6 +101,12 @@ class ShardWorker:
                 source=source,
             )
 
+    def fit(self, samples: list[Any]) -> dict:
+        """Fit and commit the prototypes here (the pool's actors hold the cluster's
+        resources while the sample stage runs; a separate fit task would wait for them)."""
+        with self.lock:
+            return fit_task(self.cfg, self.run_store, samples, self.use_gpu)
+
     def sample(self, shard: Shard, count: int) -> np.ndarray:
         """The shard's prototype-sample rows, embedded (only those rows)."""
         from scoring.prototypes import normalize, sample_rows
