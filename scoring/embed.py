@@ -589,7 +589,7 @@ class ShardEmbedder:
         if x.size and not np.isfinite(x).all():
             row = int(np.nonzero(~np.isfinite(x).all(axis=1))[0][0])
             raise ValueError(
-                f"{where}: column '{self.column}' gives NaN or inf in the embedding of "
+                f"{where}: column '{self.column}' has NaN or inf in the embedding of "
                 f"{_id(ids, row)}"
             )
         return ids, x
