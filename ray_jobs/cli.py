@@ -2,6 +2,7 @@
 
     protoprune run --input URL --output URL [...]      prune (or resume) a dataset
     protoprune demo DIR                                 write a small demo dataset
+    protoprune report RUN_URL                           write RUN_URL/report/index.html
 
 User errors (bad flags, bad config, bad input data) print one line `protoprune: error: ...` and
 exit with status 2 (1 when shards failed on bad data); no traceback.
@@ -87,7 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--clusters", type=int, default=40)
     d.add_argument("--files", type=int, default=4)
     d.add_argument("--seed", type=int, default=0)
+    add_report_parser(sub)
     return p
+
+
+def add_report_parser(sub: Any) -> None:
+    rp = sub.add_parser("report", help="write the HTML report of a run folder (finished or not)")
+    rp.add_argument("run", help="the run folder: <output>/<run_id> (local, s3://, gs://)")
+    rp.add_argument(
+        "--example-column",
+        help="input column whose text (or image) is shown for the example rows "
+        "(default: the run's text/image column)",
+    )
+    rp.add_argument("--out", help="write the page to this file instead of <run>/report/index.html")
+    rp.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="read at most this many score rows for the figures (default 20,000,000)",
+    )
 
 
 def add_run_flags(r: argparse.ArgumentParser) -> None:
@@ -134,7 +153,7 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "filelock"):
+    for noisy in ("botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -142,6 +161,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ray_jobs.driver import RunFailed, run
 
     cfg = make_config(settings_from_args(args), source=args.config or "config")
+    if cfg.log_format == "json":
+        from ray_jobs.progress import use_json_logs
+
+        use_json_logs()
     try:
         doc = run(cfg, quiet=cfg.quiet)
     except RunFailed as e:
@@ -173,7 +196,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+def cmd_report(args: argparse.Namespace) -> int:
+    from scoring.report import MAX_ROWS, build_report, write_report
+    from scoring.storage import Store
+
+    if args.max_rows is not None and args.max_rows < 1:
+        raise ValueError(f"--max-rows must be at least 1 (got {args.max_rows})")
+    store = Store(args.run)
+    max_rows = args.max_rows or MAX_ROWS
+    if args.out:
+        page = build_report(store, example_column=args.example_column, max_rows=max_rows)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(page)
+        print(args.out)
+    else:
+        print(write_report(store, example_column=args.example_column, max_rows=max_rows))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

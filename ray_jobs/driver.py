@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from ray_jobs.progress import Progress
+from ray_jobs.progress import configure as configure_progress
 from scoring import manifest
 from scoring.config import RunConfig
 from scoring.embed import content_column
@@ -83,46 +84,15 @@ def worker_resources(cfg: RunConfig, n_shards: int) -> tuple[int, dict[str, floa
         n = int(gpus / g + 1e-9)
     else:
         n = int(cpus / c + 1e-9) if c > 0 else cpus
-    n = max(1, min(cfg.workers or n, n_shards))
+    n = max(1, n)
+    if cfg.workers and cfg.workers > n:
+        # An actor that cannot be placed never starts; shards sent to it would wait forever.
+        log.warning("--workers %d > %d worker slots in the cluster; using %d", cfg.workers, n, n)
+    n = max(1, min(cfg.workers or n, n, n_shards))
     return n, {"num_gpus": g, "num_cpus": c}, g > 0
 
 
-# -- progress ----------------------------------------------------------------------------------
-class Progress:
-    """One bar per stage (rows/s, shards done/failed) on stderr; silent when quiet."""
-
-    def __init__(self, desc: str, total_shards: int, total_rows: int | None, quiet: bool):
-        self.quiet = quiet
-        self.done = self.failed = 0
-        self.total = total_shards
-        self.t0 = time.perf_counter()
-        self.bar = None
-        if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total_rows or total_shards,
-                desc=desc,
-                file=sys.stderr,
-                unit=" rows" if total_rows else " shards",
-                unit_scale=True,
-                dynamic_ncols=True,
-                mininterval=0.5,
-            )
-
-    def update(self, rows: int = 0, failed: bool = False) -> None:
-        if failed:
-            self.failed += 1
-        else:
-            self.done += 1
-        if self.bar is not None:
-            self.bar.update(rows if rows else (0 if failed else 1))
-            self.bar.set_postfix_str(f"shards {self.done}/{self.total} failed {self.failed}")
-
-    def close(self) -> float:
-        if self.bar is not None:
-            self.bar.close()
-        return time.perf_counter() - self.t0
+# -- progress: ray_jobs/progress.py (a bar per stage, log lines, JSON) ------------------------
 
 
 # -- generic scheduling ------------------------------------------------------------------------
@@ -192,6 +162,15 @@ class Run:
                         f"{self.in_store.uri(key)}: column '{col}' not found "
                         f"(columns: {', '.join(schema.names)})"
                     )
+        # One id type across files: the reducer compares and concatenates ids of all shards.
+        id_types = sorted((k, sc.field(cfg.id_column).type) for k, sc in schemas.items())
+        for key, typ in id_types[1:]:
+            if typ != id_types[0][1]:
+                raise ValueError(
+                    f"{self.in_store.uri(key)}: column '{cfg.id_column}' is {typ}, but "
+                    f"{id_types[0][1]} in {self.in_store.uri(id_types[0][0])}; all files need "
+                    "the same id type"
+                )
         self.shards = shards
         self.n_rows = sum(s.rows for s in shards)
         if self.n_rows == 0:
@@ -572,6 +551,7 @@ class Run:
 
 def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) a whole pruning job; returns the committed manifest."""
+    configure_progress(log_format=cfg.log_format)
     r = Run(cfg, quiet=quiet)
     r.plan()
     if r.store.exists(manifest.MANIFEST):
@@ -585,4 +565,17 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
         r.close_pool()
     doc = r.reduce(sha)
     r.commit(doc)
+    write_report_logged(r.store)
     return doc
+
+
+def write_report_logged(store: Store) -> str | None:
+    """Write report/index.html; a failure is logged, never raised (the run is committed)."""
+    try:
+        from scoring.report import write_report
+
+        return write_report(store)
+    except Exception as e:  # noqa: BLE001 - the report must not fail a committed run
+        log.error("report not written for %s: %s: %s", store.uri(), type(e).__name__, e)
+        log.debug("report failure", exc_info=True)
+        return None

@@ -135,6 +135,10 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise TypeError(f"config key '{name}': expected an integer (got {v!r})")
+    for name in ("run_id", "text_column", "image_column", "model", "label_column", "address"):
+        v = getattr(cfg, name)
+        if v is not None and not isinstance(v, str):  # e.g. YAML `run_id: 2026` is an int
+            raise TypeError(f"config key '{name}': expected a string (got {v!r})")
     for name in ("input", "output"):
         v = getattr(cfg, name)
         if not isinstance(v, str) or not v:

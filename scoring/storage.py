@@ -264,7 +264,8 @@ class Store:
             return sorted(self.key_of(p) for p in found)
 
         keys = self._wrap(_do, prefix, "list")
-        return [k for k in keys if k.endswith(suffix)] if suffix else keys
+        # key "" is the root itself (a single-file root): match the suffix on its path
+        return [k for k in keys if (k or self.root).endswith(suffix)] if suffix else keys
 
     def list_details(self, prefix: str = "", suffix: str = "") -> list[dict[str, Any]]:
         """Like list() but with size and etag/mtime, for input fingerprints."""
@@ -284,7 +285,7 @@ class Store:
         out = []
         for d in self._wrap(_do, prefix, "list"):
             key = self.key_of(d["name"])
-            if suffix and not key.endswith(suffix):
+            if suffix and not (key or self.root).endswith(suffix):
                 continue
             version = (
                 d.get("ETag")
@@ -333,7 +334,8 @@ class Store:
             from fsspec.asyn import sync
 
             async def _put():
-                s3 = await fs.get_s3()
+                await fs.set_session()  # the client is created lazily: get_s3() may be None
+                s3 = await fs.get_s3(bucket)
                 return await s3.put_object(Bucket=bucket, Key=obj, Body=data, IfNoneMatch="*")
 
             sync(fs.loop, _put)
@@ -347,6 +349,13 @@ class Store:
                 or "ConditionalRequestConflict" in text
             ):
                 return False
+            if "NotImplemented" in text or "501" in text:
+                # an S3-compatible server without conditional writes: check, then put
+                log.warning("%s: no conditional PUT on this server; exists+put", self.uri(key))
+                if self.exists(key):
+                    return False
+                self.fs.pipe_file(self.path(key), data)
+                return True
             raise
 
     def delete(self, key: str) -> None:

@@ -1,0 +1,103 @@
+"""Prototype sampling and faiss k-means: counts, determinism, exact iterations, no subsampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scoring.prototypes import (
+    fit_kmeans,
+    load_committed,
+    normalize,
+    sample_counts,
+    sample_rows,
+    save_centroids,
+)
+from scoring.storage import Store
+from tests.helpers import clustered
+
+
+@pytest.mark.parametrize(
+    "rows,s",
+    [
+        ([10, 20, 30], 6),
+        ([10, 20, 30], 1000),
+        ([1, 1, 1], 2),
+        ([0, 5, 0, 7], 5),
+        ([7], 3),
+        ([3, 3, 3, 3], 5),
+        ([1_000_000, 999_999, 1], 256_000),
+        ([0, 0], 4),
+    ],
+)
+def test_sample_counts_sum_and_proportional(rows, s):
+    c = sample_counts(rows, s)
+    n = sum(rows)
+    assert int(c.sum()) == min(s, n)
+    assert (c >= 0).all() and (c <= np.array(rows)).all()
+    if n:
+        exact = np.array(rows) * min(s, n) / n
+        assert (np.abs(c - exact) < 1).all()
+
+
+def test_sample_counts_largest_remainder_ties_to_lower_shard():
+    assert sample_counts([3, 3, 3, 3], 5).tolist() == [2, 1, 1, 1]
+    # remainders: 1·2/4 = .5, 2·2/4 = 1.0, .5 -> floor [0,1,0], one more to the lower index
+    assert sample_counts([1, 2, 1], 2).tolist() == [1, 1, 0]
+
+
+def test_sample_rows_deterministic_sorted_unique():
+    a = sample_rows(3, 1000, 50, seed=7)
+    assert a.tolist() == sample_rows(3, 1000, 50, seed=7).tolist()
+    assert len(a) == len(set(a.tolist())) == 50
+    assert (np.diff(a) > 0).all() and a.min() >= 0 and a.max() < 1000
+    assert a.tolist() != sample_rows(4, 1000, 50, seed=7).tolist()
+    assert a.tolist() != sample_rows(3, 1000, 50, seed=8).tolist()
+    assert sample_rows(0, 5, 9, seed=0).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("iters", [1, 3, 7])
+def test_fit_kmeans_runs_exactly_the_given_iterations(iters):
+    x = clustered(2000, 8, 5, seed=1)
+    c, _, stats = fit_kmeans(x, 5, iters, "l2", seed=0)
+    assert stats["iterations"] == iters
+    assert c.shape == (5, 8) and c.dtype == np.float32
+
+
+def test_fit_kmeans_does_not_subsample():
+    # 2000 rows for k = 2 is far above faiss's default 256 points per centroid. The inertia of
+    # the last iteration covers the points it trained on; with every point it can only be at
+    # least the inertia of all points w.r.t. the final (improved) centroids. A subsample of 512
+    # rows would give about a quarter of it.
+    x = clustered(2000, 6, 2, seed=2)
+    c, inertia, stats = fit_kmeans(x, 2, 4, "l2", seed=0)
+    d2 = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
+    full = d2.min(1).sum()
+    assert inertia >= full * (1 - 1e-4)
+    assert stats["sample_rows"] == 2000
+
+
+def test_fit_kmeans_cosine_gives_unit_centroids():
+    x = clustered(1500, 12, 6, seed=3) * 5
+    c, _, stats = fit_kmeans(x, 6, 5, "cosine", seed=0)
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)
+    assert stats["iterations"] == 5
+    c2, _, _ = fit_kmeans(x, 6, 5, "cosine", seed=0)
+    np.testing.assert_array_equal(c, c2)  # seeded
+
+
+def test_fit_kmeans_k_larger_than_sample():
+    with pytest.raises(ValueError, match="k = 10"):
+        fit_kmeans(np.ones((5, 3), np.float32), 10, 2, "l2", 0)
+
+
+def test_save_and_load_committed(tmp_path):
+    store = Store(str(tmp_path))
+    assert load_committed(store) is None
+    c = normalize(clustered(4, 3, 2))
+    sha = save_centroids(store, c, {"k": 4})
+    got, sha2 = load_committed(store)
+    assert sha2 == sha
+    np.testing.assert_array_equal(got, c)
+    store.put_bytes("prototypes/centroids.npy", b"torn")  # data no longer matches its marker
+    assert load_committed(store) is None
