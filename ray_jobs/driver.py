@@ -19,7 +19,7 @@ from ray_jobs.progress import Progress
 from ray_jobs.progress import configure as configure_progress
 from scoring import manifest
 from scoring.config import RunConfig
-from scoring.embed import content_column
+from scoring.embed import check_model_spec, content_column
 from scoring.prototypes import load_committed, sample_counts
 from scoring.select import ThresholdSearch, balanced_quotas, key_bits, plan_cluster_ranges
 from scoring.shards import Shard, plan_shards
@@ -171,6 +171,7 @@ class Run:
                     f"{id_types[0][1]} in {self.in_store.uri(id_types[0][0])}; all files need "
                     "the same id type"
                 )
+        check_model_spec(cfg)
         self.shards = shards
         self.n_rows = sum(s.rows for s in shards)
         if self.n_rows == 0:

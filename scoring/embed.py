@@ -400,7 +400,13 @@ def decode_image(data: bytes, label: str):
         img = Image.open(io.BytesIO(data))
         img.load()
         return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as e:
         raise ValueError(f"{label}: cannot decode image ({_first_line(e)})") from None
 
 
@@ -432,6 +438,53 @@ def load_embedder(
             "timm:NAME[@FILE], torchvision:NAME[@WEIGHTS] or module:factory"
         )
     return SentenceTransformerEmbedder(spec, column, device, bs)
+
+
+def check_model_spec(cfg: RunConfig) -> None:
+    """Cheap checks on the driver, before any actor starts (no weights are loaded): the
+    package of a prefixed spec is installed, a module:factory imports and names a callable, a
+    sentence-transformers spec is a local folder or a cached model. Raises ValueError."""
+    kind = content_kind(cfg)
+    if kind == "embedding":
+        return
+    spec = str(cfg.model)
+    if spec.startswith(PREFIXES):
+        scheme = spec.split(":", 1)[0]
+        _need(scheme, spec, {"open_clip": "open_clip_torch"}.get(scheme))
+        return
+    if FACTORY_RE.match(spec) and not os.path.exists(spec):
+        mod_name, fn_name = spec.split(":", 1)
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"model '{spec}': cannot import module '{mod_name}' ({e})") from None
+        if not callable(getattr(mod, fn_name, None)):
+            raise ValueError(f"model '{spec}': module '{mod_name}' has no callable '{fn_name}'")
+        return
+    if kind == "image":
+        raise ValueError(
+            f"model '{spec}': unknown image model spec; use open_clip:ARCH[@WEIGHTS], "
+            "timm:NAME[@FILE], torchvision:NAME[@WEIGHTS] or module:factory"
+        )
+    if os.path.isdir(spec):
+        return
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(
+            f"model '{spec}': sentence-transformers is not installed "
+            "(pip install sentence-transformers, or protoprune[text])"
+        ) from None
+    for repo in [spec] + ([f"sentence-transformers/{spec}"] if "/" not in spec else []):
+        try:
+            snapshot_download(repo, local_files_only=True)
+            return
+        except Exception:  # noqa: BLE001 - not cached (or not a repo id)
+            continue
+    raise ValueError(
+        f"model '{spec}': not a local folder nor a model in the local Hugging Face cache "
+        "(nothing is downloaded; give a folder, open_clip:/timm:/torchvision: or module:factory)"
+    )
 
 
 def load_factory(spec: str):

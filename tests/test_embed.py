@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scoring.config import RunConfig
-from scoring.embed import ShardEmbedder, autocast_dtype, load_embedder
+from scoring.embed import ShardEmbedder, autocast_dtype, check_model_spec, load_embedder
 from scoring.score import sample_shard
 from scoring.shards import plan_shards
 from scoring.storage import Store
@@ -207,6 +207,15 @@ def test_bad_model_specs(tmp_path, monkeypatch, spec, kind, match):
     cfg = cfg_for(tmp_path, **{kind: "c"}, model=spec)
     with pytest.raises((ValueError, TypeError), match=match):
         load_embedder(cfg, Store(str(tmp_path)))
+    if "must return" not in match:  # the driver's preflight catches the rest before any actor
+        with pytest.raises(ValueError, match=match.replace("not a sentence-trans", "not a local")):
+            check_model_spec(cfg)
+
+
+def test_check_model_spec_accepts_good_specs(tmp_path):
+    check_model_spec(cfg_for(tmp_path, text_column="t", model=minilm_path()))
+    check_model_spec(cfg_for(tmp_path, image_column="i", model=FACTORY))
+    check_model_spec(cfg_for(tmp_path))
 
 
 def test_precision_override(monkeypatch):
