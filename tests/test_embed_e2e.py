@@ -194,7 +194,8 @@ def test_worker_resources(ray_local, tmp_path):
     assert worker_resources(cfg, 10) == (2, {"num_gpus": 0.0, "num_cpus": 1.0}, False)
     cfg = make_config(dict(base, cpus_per_worker=2))
     assert worker_resources(cfg, 10) == (1, {"num_gpus": 0.0, "num_cpus": 2}, False)
-    assert worker_resources(make_config(dict(base, workers=5)), 3)[0] == 3
+    assert worker_resources(make_config(dict(base, workers=5)), 3)[0] == 2  # capped: 2 CPUs
+    assert worker_resources(make_config(dict(base, workers=2)), 1)[0] == 1  # one shard
     with pytest.raises(ValueError, match="gpus_per_worker = 0.5 but the Ray cluster has no GPU"):
         worker_resources(make_config(dict(base, gpus_per_worker=0.5)), 10)
 
