@@ -234,3 +234,39 @@ def test_cli_missing_text_column(tmp_path):
     )
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("_MANIFEST.json"))
+
+
+def test_cli_unknown_model_fails_before_any_actor(tmp_path):
+    store = Store(str(tmp_path / "in"))
+    write(store, "a.parquet", pa.table({"id": [1, 2, 3], "text": ["a", "b", "c"]}))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    for model, msg in (
+        ("no-such-model-xyz", "model 'no-such-model-xyz': not a local folder nor a model"),
+        ("tests.tiny_cnn:missing", "model 'tests.tiny_cnn:missing': module 'tests.tiny_cnn' has"),
+    ):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ray_jobs.cli",
+                "run",
+                "--input",
+                store.url,
+                "--output",
+                str(tmp_path / "runs"),
+                "--text-column",
+                "text",
+                "--model",
+                model,
+                "--k",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert r.returncode == 2, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("protoprune: error: ") and msg in last, last
+        assert "Traceback" not in r.stderr
