@@ -25,7 +25,9 @@ class ShardWorker:
     Created with `max_concurrency=2` and fed two shards at a time: each call reads its shard
     (IO) outside the compute lock, so the next shard is read while the current one is embedded
     and searched; embedding, search and writes run under the lock, one shard at a time.
-    With `centroids=None` the actor only serves `sample` (the prototype stage).
+    The driver creates the pool once per run with `centroids=None`: the same actors embed the
+    prototype sample (`sample`), fit the prototypes (`fit`), then score (`score` carries the
+    prototypes' ObjectRef and sha256, loaded on first use).
     """
 
     def __init__(
