@@ -21,6 +21,7 @@ from ray_jobs.progress import Progress
 from ray_jobs.progress import configure as configure_progress
 from scoring import manifest
 from scoring.config import RunConfig
+from scoring.embed import check_model_spec, content_column
 from scoring.prototypes import (
     load_committed,
     load_committed_marker,
@@ -74,6 +75,33 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def worker_resources(cfg: RunConfig, n_shards: int) -> tuple[int, dict[str, float], bool]:
+    """(actors, ray resource options, use_gpu) of the ShardWorker pool.
+
+    Default: one actor per GPU in the cluster (num_gpus=1), else one per CPU. With
+    --gpus-per-worker G (fractions allowed) there are floor(GPUs / G) actors; with
+    --cpus-per-worker C on a CPU cluster floor(CPUs / C). --workers overrides the count.
+    """
+    gpus = cluster_gpus()
+    cpus = cluster_cpus()
+    g = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    c = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else 1.0
+    if g > 0 and gpus == 0:
+        raise ValueError(f"gpus_per_worker = {g} but the Ray cluster has no GPU")
+    if g > gpus > 0:
+        raise ValueError(f"gpus_per_worker = {g} is more than the cluster's {gpus} GPU(s)")
+    if g > 0:
+        n = int(gpus / g + 1e-9)
+    else:
+        n = int(cpus / c + 1e-9) if c > 0 else cpus
+    n = max(1, n)
+    if cfg.workers and cfg.workers > n:
+        # An actor that cannot be placed never starts; shards sent to it would wait forever.
+        log.warning("--workers %d > %d worker slots in the cluster; using %d", cfg.workers, n, n)
+    n = max(1, min(cfg.workers or n, n, n_shards))
+    return n, {"num_gpus": g, "num_cpus": c}, g > 0
 
 
 # -- progress: ray_jobs/progress.py (a bar per stage, log lines, JSON) ------------------------
@@ -176,6 +204,8 @@ class Run:
         self.timings: dict[str, float] = {}
         self.shards: list[Shard] = []
         self.retried: set[int] = set()  # score shards resubmitted after their worker died
+        self.cached: dict[int, Any] = {}  # shard -> ObjectRef of its embeddings (whole sample)
+        self._actors: list[Any] | None = None
 
     # ---- plan and run.json
     def plan(self) -> None:
@@ -183,7 +213,7 @@ class Run:
         cfg = self.cfg
         files, shards, schemas = plan_shards(self.in_store, cfg.shard_rows)
         for key, schema in schemas.items():
-            for col in (cfg.id_column, cfg.embedding_column, *filter(None, [cfg.label_column])):
+            for col in (cfg.id_column, content_column(cfg), *filter(None, [cfg.label_column])):
                 if col not in schema.names:
                     raise ValueError(
                         f"{self.in_store.uri(key)}: column '{col}' not found "
@@ -199,6 +229,7 @@ class Run:
                     f"{id_types[0][1]} in {self.in_store.uri(id_types[0][0])}; all files need "
                     "the same id type"
                 )
+        check_model_spec(cfg)
         self.shards = shards
         self.embedding_width = fixed_width(schemas.values(), cfg.embedding_column)
         self.n_rows = sum(s.rows for s in shards)
@@ -299,6 +330,13 @@ class Run:
         changed = set(self.changed_files)
         shards = [s for s in self.shards if s.file in changed]
         marker = load_committed_marker(self.store)
+        if marker is not None and (self.cfg.text_column or self.cfg.image_column):
+            # checking the sample rows of raw content would need the model: refuse
+            raise ValueError(
+                f"run {self.store.uri()}: input file(s) {', '.join(sorted(changed))} changed "
+                "after the prototypes were fitted on their embedded rows; rerun with "
+                "--force-new or use a new --run-id"
+            )
         if marker is not None:
             digests = marker.get("sample_sha256") or {}
             counts = sample_counts([s.rows for s in self.shards], self.cfg.effective_sample_size)
@@ -360,36 +398,39 @@ class Run:
         counts = sample_counts([s.rows for s in self.shards], size)
         todo = [(s, int(c)) for s, c in zip(self.shards, counts) if c > 0]
         prog = Progress("sample", len(todo), int(counts.sum()), self.quiet)
-        sample_remote = ray.remote(num_cpus=1, max_retries=3)(workers.sample_task)
-        refs = []
-        failures: dict[int, str] = {}
-        # Bounded submission: sample arrays stay in the object store, never on the driver.
-        # A shard failing on bad data does not stop the others: all are read, then all
-        # failures are reported together.
-        pending: dict[Any, Shard] = {}
-        for shard, c in todo:
-            if len(pending) >= 2 * cluster_cpus():
-                self._sample_ready(pending, prog, failures)
-            ref = sample_remote.remote(cfg, self.in_store, shard, c)
-            refs.append(ref)
-            pending[ref] = shard
-        while pending:
-            self._sample_ready(pending, prog, failures)
-        prog.close()
-        if failures:
-            self._fail("prototypes", failures)
-        use_gpu = cluster_gpus() > 0
-        fit = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(workers.fit_task)
         names = [(s.index, self.in_store.uri(s.file)) for s, _ in todo]
-        try:
-            stats = ray.get(fit.remote(cfg, self.store, refs, use_gpu, names))
-        except Exception as e:  # noqa: BLE001
-            cause = user_error(e)
-            if cause is None:
-                raise
-            manifest.record_failure(self.store, "prototypes", "fit", {"error": str(cause)})
-            raise RunFailed(f"prototypes failed, no manifest committed: {cause}") from None
-        del refs
+        if cfg.text_column or cfg.image_column:
+            refs = self._sample_on_actors(todo, prog)
+            prog.close()
+            # the pool holds the cluster's GPUs/CPUs: fit inside one of its actors
+            stats = self._fit_or_fail(
+                lambda: self._get_user(self._actors[0].fit.remote(refs, names))
+            )
+        else:
+            sample_remote = ray.remote(num_cpus=1, max_retries=3)(workers.sample_task)
+            refs = []
+            failures: dict[int, str] = {}
+            # Bounded submission: sample arrays stay in the object store, never on the driver.
+            # A shard failing on bad data does not stop the others: all are read, then all
+            # failures are reported together.
+            pending: dict[Any, Shard] = {}
+            for shard, c in todo:
+                if len(pending) >= 2 * cluster_cpus():
+                    self._sample_ready(pending, prog, failures)
+                ref = sample_remote.remote(cfg, self.in_store, shard, c)
+                refs.append(ref)
+                pending[ref] = shard
+            while pending:
+                self._sample_ready(pending, prog, failures)
+            prog.close()
+            if failures:
+                self._fail("prototypes", failures)
+            use_gpu = cluster_gpus() > 0
+            fit = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(workers.fit_task)
+            stats = self._fit_or_fail(
+                lambda: ray.get(fit.remote(cfg, self.store, refs, use_gpu, names))
+            )
+        refs.clear()  # release the sample parts from the object store
         for name in manifest.failures(self.store, "prototypes"):
             manifest.clear_failure(self.store, "prototypes", name)
         self.timings["prototypes"] = time.perf_counter() - t0
@@ -404,6 +445,119 @@ class Run:
         got = load_committed(self.store)
         assert got is not None
         return got
+
+    def _sample_on_actors(self, todo: list[tuple[Shard, int]], prog: Progress) -> list[Any]:
+        """Raw content: ShardWorker actors (the embedder loaded once each) embed only the
+        sample rows. A shard whose sample is the whole shard keeps its embeddings (the
+        ObjectRef, in self.cached) for the score stage, so no row is embedded twice."""
+        actors = self.pool()
+        n = len(actors)
+        retries = self.cfg.max_retries  # sampling writes nothing: safe to retry on a lost actor
+        calls = [
+            lambda i=i, s=s, c=c: (
+                actors[i % n].sample.options(max_task_retries=retries).remote(s, c)
+            )
+            for i, (s, c) in enumerate(todo)
+        ]
+        try:
+            refs = self._bounded(calls, IN_FLIGHT_PER_WORKER * n, prog)
+        except BaseException:
+            self.close_pool()
+            raise
+        self.cached = {s.index: r for (s, c), r in zip(todo, refs) if c >= s.rows}
+        return refs
+
+    def pool(self) -> list[Any]:
+        """The run's ShardWorker actors, created once (each loads the embedder once) and
+        shared by the sample and score stages. max_concurrency=2: an actor reads its next
+        shard while it computes the current one."""
+        if self._actors is None:
+            n, self._actor_res, self._actor_gpu = worker_resources(self.cfg, len(self.shards))
+            self._actor_tag = uuid.uuid4().hex[:8]
+            self._actors_made = 0
+            self._actors = [self._new_actor() for _ in range(n)]
+        return self._actors
+
+    def _new_actor(self) -> Any:
+        """One ShardWorker of the pool (also the replacement of a dead one). Named, so an
+        operator (or a fault test) can find it: protoprune-score-<run_id>-<tag>-<n>."""
+        import ray
+
+        from ray_jobs.workers import ShardWorker
+
+        cls = ray.remote(
+            max_restarts=self.cfg.max_retries,
+            max_task_retries=0,
+            max_concurrency=2,
+            **self._actor_res,
+        )(ShardWorker)
+        name = f"protoprune-score-{self.cfg.run_id}-{self._actor_tag}-{self._actors_made}"
+        self._actors_made += 1
+        return cls.options(name=name).remote(
+            self.cfg, self.in_store, self.store, None, "", self._actor_gpu
+        )
+
+    def close_pool(self) -> None:
+        import ray
+
+        for a in self._actors or []:
+            ray.kill(a)
+        self._actors = None
+
+    def _bounded(self, calls: list[Callable[[], Any]], limit: int, prog: Progress) -> list[Any]:
+        """Submit calls with at most `limit` in flight; results stay in the object store."""
+        import ray
+
+        refs: list[Any] = []
+        pending: list[Any] = []
+        for call_ in calls:
+            if len(pending) >= limit:
+                ready, pending = ray.wait(pending, num_returns=1)
+                self._count_ready(ready, prog)
+            ref = call_()
+            refs.append(ref)
+            pending.append(ref)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            self._count_ready(ready, prog)
+        return refs
+
+    def _get_user(self, ref: Any) -> Any:
+        """ray.get, re-raising a user error (bad data or settings) as itself."""
+        import ray
+
+        try:
+            return ray.get(ref)
+        except Exception as e:  # noqa: BLE001
+            cause = user_error(e)
+            if cause is not None:
+                self.close_pool()
+                raise cause from None
+            raise
+
+    def _fit_or_fail(self, fit: Callable[[], dict]) -> dict:
+        """Run the k-means fit; a user error (e.g. mixed widths) fails the run, recorded."""
+        try:
+            return fit()
+        except Exception as e:  # noqa: BLE001
+            cause = user_error(e) or (e if isinstance(e, (ValueError, TypeError)) else None)
+            if cause is None:
+                raise
+            manifest.record_failure(self.store, "prototypes", "fit", {"error": str(cause)})
+            raise RunFailed(f"prototypes failed, no manifest committed: {cause}") from None
+
+    def _count_ready(self, ready: list[Any], prog: Progress) -> None:
+        import ray
+
+        for r in ready:
+            try:
+                arr = ray.get(r)
+            except Exception as e:  # noqa: BLE001
+                cause = user_error(e)
+                if cause is not None:
+                    raise cause from None
+                raise
+            prog.update(len(arr))
 
     def _sample_ready(
         self, pending: dict[Any, Shard], prog: Progress, failures: dict[int, str]
@@ -455,8 +609,6 @@ class Run:
     def score(self, centroids: np.ndarray, sha: str) -> None:
         import ray
 
-        from ray_jobs.workers import ShardWorker
-
         cfg = self.cfg
         marks = manifest.committed(self.store, "scores")
         done = {i for i, m in marks.items() if m.get("prototypes_sha256") == sha}
@@ -467,35 +619,12 @@ class Run:
         todo = [s for s in self.shards if s.index not in done]
         log.info("score: %d shards committed, %d to do", len(done), len(todo))
         if not todo:
+            self.close_pool()
             return
-        gpus = cluster_gpus()
-        slots = gpus if gpus else cluster_cpus()
-        n_workers = cfg.workers or slots
-        if n_workers > slots:
-            # An actor that cannot be placed never starts; shards sent to it would wait forever.
-            log.warning(
-                "--workers %d > %d worker slots (GPUs, else CPUs) in the cluster; using %d",
-                n_workers,
-                slots,
-                slots,
-            )
-            n_workers = slots
-        n_workers = max(1, min(n_workers, len(todo)))
-        res = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        actor_cls = ray.remote(max_restarts=cfg.max_retries, max_task_retries=0, **res)(ShardWorker)
-        cref = ray.put(centroids)
-        tag = uuid.uuid4().hex[:8]
-        made = [0]
-
-        def new_actor() -> Any:
-            # named, so an operator (or a fault test) can find them; replacements get new names
-            name = f"protoprune-score-{cfg.run_id}-{tag}-{made[0]}"
-            made[0] += 1
-            return actor_cls.options(name=name).remote(
-                cfg, self.in_store, self.store, [cref], sha, bool(gpus)
-            )
-
-        actors = [new_actor() for _ in range(n_workers)]
+        actors = self.pool()
+        n_workers = len(actors)
+        proto = [ray.put(centroids), sha]  # nested ref: each actor fetches it once
+        cached = self.cached
         prog = Progress("score", len(todo), sum(s.rows for s in todo), self.quiet)
         failures: dict[int, str] = {}
         attempts: dict[int, int] = {}
@@ -515,7 +644,9 @@ class Run:
                     break
                 w = min(free, key=load.__getitem__)
                 shard = queue.pop()
-                pending[actors[w].score.remote(shard)] = (shard, w, actors[w])
+                c = cached.get(shard.index)
+                ref = actors[w].score.remote(shard, [c] if c is not None else None, proto)
+                pending[ref] = (shard, w, actors[w])
                 load[w] += 1
             if not pending and not pings:
                 for shard in queue:
@@ -548,7 +679,7 @@ class Run:
                         up[w] = False
                         if replaced[w] < cfg.max_retries:
                             replaced[w] += 1
-                            actors[w] = new_actor()
+                            actors[w] = self._new_actor()
                             pings[actors[w].pid.remote()] = w
                     attempts[shard.index] = attempts.get(shard.index, 0) + 1
                     self.retried.add(shard.index)
@@ -573,8 +704,8 @@ class Run:
                 log.info(
                     "shard %d scored: %d rows in %.2fs", shard.index, summary.rows, summary.seconds
                 )
-        for a in actors:
-            ray.kill(a)
+        self.close_pool()
+        self.cached = {}
         self.timings["score"] = prog.close()
         if failures:
             self._fail("scores", failures)
@@ -859,9 +990,12 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
         log.info("run %s is already committed", r.store.uri())
         return manifest.read_json(r.store, manifest.MANIFEST)
     ensure_ray(cfg.address)
-    r.accept_changed_inputs()
-    centroids, sha = r.prototypes()
-    r.score(centroids, sha)
+    try:
+        r.accept_changed_inputs()
+        centroids, sha = r.prototypes()
+        r.score(centroids, sha)
+    finally:
+        r.close_pool()
     doc = r.reduce(sha, centroids)
     r.commit(doc)
     write_report_logged(r.store)

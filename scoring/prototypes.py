@@ -95,14 +95,6 @@ def sample_groups(
     return picked, rows
 
 
-def sample_rows(shard_index: int, rows: int, count: int, seed: int) -> np.ndarray:
-    """Sorted row positions inside a shard for its share of the prototype sample."""
-    if count >= rows:
-        return np.arange(rows, dtype=np.int64)
-    rng = np.random.default_rng([seed, shard_index])
-    return np.sort(rng.choice(rows, size=count, replace=False))
-
-
 def normalize(x: np.ndarray) -> np.ndarray:
     """L2-normalised float32 copy of the rows (zero rows stay zero).
 

@@ -73,11 +73,19 @@ def check_finite(x: np.ndarray, ids: pa.Array, where: str, column: str) -> None:
         )
 
 
-def sample_shard(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> np.ndarray:
-    """This shard's rows of the prototype sample (float32, normalised for cosine)."""
+def sample_shard(
+    cfg: RunConfig, in_store: Store, shard: Shard, count: int, source: Any = None
+) -> np.ndarray:
+    """This shard's rows of the prototype sample (float32, normalised for cosine).
+
+    With a `source` (a scoring.embed.ShardEmbedder), only the sample rows are embedded.
+    """
     if count == 0:
         return np.zeros((0, 0), np.float32)
     sub, rows = sample_subshard(in_store, shard, count, cfg.seed)
+    if source is not None:
+        _, x = source.embed(sub, rows=rows)
+        return normalize(x) if cfg.metric == "cosine" else x
     _, x = load_embeddings(cfg, in_store, sub)
     x = x[rows]
     return normalize(x) if cfg.metric == "cosine" else x
@@ -131,8 +139,12 @@ def score_shard(
     shard: Shard,
     searcher: NearestPrototype,
     prototypes_sha: str,
+    source: Any = None,
 ) -> ShardSummary:
     """Score one shard and commit it: data first (scores, id hashes), marker last.
+
+    `source(shard) -> (ids, x)` embeds the shard (a scoring.embed.ShardEmbedder, or a closure
+    over prefetched data); None reads the precomputed embedding column.
 
     A shard whose marker already names these prototypes is committed: its files are not
     rewritten (a retry or a resumed run returns at once). The marker is create-only, so of two
@@ -145,11 +157,12 @@ def score_shard(
         if old.get("prototypes_sha256") == prototypes_sha:
             log.info("shard %d is already committed; not rewritten", shard.index)
             return ShardSummary(shard.index, int(old.get("rows", 0)), 0.0, old.get("sha256", ""))
-    ids, x = load_embeddings(cfg, in_store, shard)
+    ids, x = source(shard) if source is not None else load_embeddings(cfg, in_store, shard)
     if x.shape[1] != searcher.d:
         raise ValueError(
             f"{in_store.uri(shard.file)} (shard {shard.index}): column "
-            f"'{cfg.embedding_column}' has width {x.shape[1]}, the prototypes "
+            f"'{cfg.text_column or cfg.image_column or cfg.embedding_column}' "
+            f"has width {x.shape[1]}, the prototypes "
             f"have {searcher.d}"
         )
     if cfg.metric == "cosine":

@@ -10,7 +10,6 @@ from scoring.prototypes import (
     load_committed,
     normalize,
     sample_counts,
-    sample_rows,
     save_centroids,
 )
 from scoring.storage import Store
@@ -46,17 +45,6 @@ def test_sample_counts_largest_remainder_ties_to_lower_shard():
     assert sample_counts([1, 2, 1], 2).tolist() == [1, 1, 0]
 
 
-def test_sample_rows_deterministic_sorted_unique():
-    a = sample_rows(3, 1000, 50, seed=7)
-    assert a.tolist() == sample_rows(3, 1000, 50, seed=7).tolist()
-    assert len(a) == len(set(a.tolist())) == 50
-    assert (np.diff(a) > 0).all() and a.min() >= 0 and a.max() < 1000
-    assert a.tolist() != sample_rows(4, 1000, 50, seed=7).tolist()
-    assert a.tolist() != sample_rows(3, 1000, 50, seed=8).tolist()
-    assert sample_rows(0, 5, 9, seed=0).tolist() == [0, 1, 2, 3, 4]
-
-
-@pytest.mark.parametrize("iters", [1, 3, 7])
 def test_fit_kmeans_runs_exactly_the_given_iterations(iters):
     x = clustered(2000, 8, 5, seed=1)
     c, _, stats = fit_kmeans(x, 5, iters, "l2", seed=0)
