@@ -154,9 +154,10 @@ def first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-def check_schemas(store: Store, schemas: dict[str, Any], id_col: str, emb_col: str) -> None:
+def check_schemas(store: Store, schemas: dict[str, Any], id_col: str, emb_col: str | None) -> None:
     """Fail fast, from the footers only, on columns of the wrong type and on fixed embedding
-    widths that differ across files (variable-width lists are checked when read)."""
+    widths that differ across files (variable-width lists are checked when read). emb_col is
+    None for raw text/image input (the model gives the embeddings)."""
     import pyarrow as pa
 
     widths: dict[int, str] = {}
@@ -173,6 +174,8 @@ def check_schemas(store: Store, schemas: dict[str, Any], id_col: str, emb_col: s
             raise ValueError(
                 f"{where}: column '{id_col}' must hold integer or string ids, found {it}"
             )
+        if emb_col is None:
+            continue
         et = schema.field(emb_col).type
         is_list = pa.types.is_list(et) or pa.types.is_large_list(et)
         if not (is_list or pa.types.is_fixed_size_list(et)) or not (
@@ -219,7 +222,8 @@ class Run:
                         f"{self.in_store.uri(key)}: column '{col}' not found "
                         f"(columns: {', '.join(schema.names)})"
                     )
-        check_schemas(self.in_store, schemas, cfg.id_column, cfg.embedding_column)
+        raw = bool(cfg.text_column or cfg.image_column)
+        check_schemas(self.in_store, schemas, cfg.id_column, None if raw else cfg.embedding_column)
         # One id type across files: the reducer compares and concatenates ids of all shards.
         id_types = sorted((k, sc.field(cfg.id_column).type) for k, sc in schemas.items())
         for key, typ in id_types[1:]:
@@ -231,7 +235,7 @@ class Run:
                 )
         check_model_spec(cfg)
         self.shards = shards
-        self.embedding_width = fixed_width(schemas.values(), cfg.embedding_column)
+        self.embedding_width = None if raw else fixed_width(schemas.values(), cfg.embedding_column)
         self.n_rows = sum(s.rows for s in shards)
         if self.n_rows == 0:
             raise ValueError(f"input {self.in_store.uri()}: the Parquet files hold zero rows")

@@ -45,6 +45,7 @@ def test_sample_counts_largest_remainder_ties_to_lower_shard():
     assert sample_counts([1, 2, 1], 2).tolist() == [1, 1, 0]
 
 
+@pytest.mark.parametrize("iters", [1, 3, 7])
 def test_fit_kmeans_runs_exactly_the_given_iterations(iters):
     x = clustered(2000, 8, 5, seed=1)
     c, _, stats = fit_kmeans(x, 5, iters, "l2", seed=0)
