@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,6 +23,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from s3server import S3Server  # noqa: E402 - the tests' loopback S3 server
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -225,41 +225,13 @@ def shutdown_ray(tmp: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-class LocalS3:
-    """A moto_server on 127.0.0.1 at a free port; sets the AWS environment for this process
-    and the Ray workers started after it."""
+class LocalS3(S3Server):
+    """The tests' moto_server on 127.0.0.1 at a free port; also sets the AWS environment for
+    this process and the Ray workers started after it."""
 
     def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        exe = shutil.which("moto_server") or os.path.join(
-            os.path.dirname(sys.executable), "moto_server"
-        )
-        self.proc = subprocess.Popen(
-            [exe, "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    self.proc.kill()
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
-        os.environ.update(
-            {
-                "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1",
-            }
-        )
+        super().__init__()
+        os.environ.update(self.env())
 
     def new_bucket(self) -> str:
         import boto3
@@ -275,13 +247,6 @@ class LocalS3:
         for p in paths:
             c.upload_file(p, bucket, f"{prefix}/{os.path.basename(p)}")
         return f"s3://{bucket}/{prefix}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def header(title: str) -> None:
