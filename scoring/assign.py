@@ -98,16 +98,25 @@ class NearestPrototype:
             self._torch = TorchTopKSearch(self.centroids, metric, device, precision, chunk_rows)
         self.device = device if self.backend == "torch" else ("cuda" if use_gpu else "cpu")
 
-    def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, x: np.ndarray, unit: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(cluster int32, distance float32, second-nearest distance float32) per row.
 
-        For cosine, x must already be L2-normalised.
+        For cosine, x must be L2-normalised unless `unit=False`: then the faiss backend
+        searches the raw rows (with unit centroids the nearest prototype by x·c equals the
+        nearest by cosine) and divides the two best scores by ‖x‖, which saves normalising an
+        n × d copy of the shard; the torch backend normalises first.
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(
                 f"embedding width {x.shape[-1]} does not match the prototypes' {self.d}"
             )
+        if self.metric == "cosine" and not unit:
+            if self.backend == "torch":
+                from scoring.prototypes import normalize
+
+                return self._torch.search(normalize(x))
+            return self._faiss.search(x, scale=row_norms(x))
         if self.backend == "torch":
             return self._torch.search(x)
         return self._faiss.search(x)
@@ -134,10 +143,14 @@ class FaissSearch:
         index.add(centroids)
         self.index = index
 
-    def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(
+        self, x: np.ndarray, scale: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         kk = min(2, self.k)
         sims, idx = self.index.search(x, kk)
         if self.metric == "cosine":
+            if scale is not None:  # raw rows: cos = x·c / ‖x‖ (zero rows: cos 0)
+                sims = sims / np.where(scale > 0, scale, np.float32(1.0))[:, None]
             dist = (1.0 - sims).astype(np.float32)
         else:
             dist = np.sqrt(np.maximum(sims, 0.0)).astype(np.float32)
@@ -291,6 +304,11 @@ def _order_desc(torch, ex, cand):
     ex1 = torch.gather(ex, 1, o1)
     o2 = torch.argsort(-ex1, dim=1, stable=True)
     return torch.gather(o1, 1, o2)
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """‖x_i‖ as float32, one pass without an n × d temporary."""
+    return np.sqrt(np.einsum("ij,ij->i", x, x)).astype(np.float32)
 
 
 def has_faiss_gpu() -> bool:

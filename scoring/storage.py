@@ -404,6 +404,18 @@ class Store:
         """A pyarrow ParquetFile over the object (footer read only, row groups on demand)."""
         import pyarrow.parquet as pq
 
+        if self.is_local:
+            # Local files are memory-mapped by pyarrow's native reader: ~3x faster row-group
+            # reads than through a Python file object (benchmarks/README.md).
+            path = self.path(key)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{self.uri(key)}: not found")
+            try:
+                return pq.ParquetFile(path, memory_map=True)
+            except Exception as e:  # noqa: BLE001 - arrow raises ArrowInvalid/OSError
+                raise ValueError(
+                    f"{self.uri(key)}: not a valid Parquet file ({_first_line(e)})"
+                ) from None
         f = self.open(key, "rb")
         try:
             return retry_io(lambda: pq.ParquetFile(f), f"read footer {self.uri(key)}")
