@@ -139,6 +139,19 @@ def map_tasks(
             yield i, ray.get(ref)
 
 
+def get_user(ref: Any) -> Any:
+    """ray.get, re-raising a user error (bad data or settings) inside a task as itself."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except Exception as e:  # noqa: BLE001 - classified by user_error
+        cause = user_error(e)
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def user_error(exc: BaseException) -> BaseException | None:
     """The user-facing cause inside a Ray task error (bad data), or None for crashes."""
     from scoring.storage import StoreError
@@ -343,19 +356,12 @@ class Run:
             )
         if marker is not None:
             digests = marker.get("sample_sha256") or {}
-            counts = sample_counts([s.rows for s in self.shards], self.cfg.effective_sample_size)
+            counts = self.sample_counts()
             check = [s for s in shards if counts[s.index] > 0]
             task = ray.remote(num_cpus=1, max_retries=3)(workers.sample_digest_task)
             refs = [task.remote(self.cfg, self.in_store, s, int(counts[s.index])) for s in check]
             for s, ref in zip(check, refs):
-                try:
-                    got = ray.get(ref)
-                except Exception as e:  # noqa: BLE001
-                    cause = user_error(e)
-                    if cause is None:
-                        raise
-                    raise ValueError(str(cause)) from None
-                if digests.get(str(s.index)) != got:
+                if digests.get(str(s.index)) != get_user(ref):
                     raise ValueError(
                         f"run {self.store.uri()}: input file {self.in_store.uri(s.file)} "
                         f"changed rows the committed prototypes were fitted on (shard "
@@ -383,6 +389,15 @@ class Run:
         self.changed_files = []
 
     # ---- prototypes
+    def sample_counts(self) -> np.ndarray:
+        """Rows each shard gives to the k-means sample (the size rule, then the allocation):
+        the fit and the resume check of a changed file must agree on it."""
+        cfg = self.cfg
+        size = sample_size_rule(
+            cfg.effective_sample_size, self.n_rows, cfg.k, getattr(self, "embedding_width", None)
+        )
+        return sample_counts([s.rows for s in self.shards], size)
+
     def prototypes(self) -> tuple[np.ndarray, str]:
         import ray
 
@@ -394,12 +409,9 @@ class Run:
             return got
         t0 = time.perf_counter()
         cfg = self.cfg
-        size = sample_size_rule(
-            cfg.effective_sample_size, self.n_rows, cfg.k, getattr(self, "embedding_width", None)
-        )
-        if size < min(cfg.effective_sample_size, self.n_rows):
-            log.warning("k-means sample capped at %d rows (sample memory cap)", size)
-        counts = sample_counts([s.rows for s in self.shards], size)
+        counts = self.sample_counts()
+        if int(counts.sum()) < min(cfg.effective_sample_size, self.n_rows):
+            log.warning("k-means sample capped at %d rows (sample memory cap)", counts.sum())
         todo = [(s, int(c)) for s, c in zip(self.shards, counts) if c > 0]
         prog = Progress("sample", len(todo), int(counts.sum()), self.quiet)
         names = [(s.index, self.in_store.uri(s.file)) for s, _ in todo]
@@ -407,9 +419,7 @@ class Run:
             refs = self._sample_on_actors(todo, prog)
             prog.close()
             # the pool holds the cluster's GPUs/CPUs: fit inside one of its actors
-            stats = self._fit_or_fail(
-                lambda: self._get_user(self._actors[0].fit.remote(refs, names))
-            )
+            stats = self._fit_or_fail(lambda: get_user(self._actors[0].fit.remote(refs, names)))
         else:
             sample_remote = ray.remote(num_cpus=1, max_retries=3)(workers.sample_task)
             refs = []
@@ -526,19 +536,6 @@ class Run:
             self._count_ready(ready, prog)
         return refs
 
-    def _get_user(self, ref: Any) -> Any:
-        """ray.get, re-raising a user error (bad data or settings) as itself."""
-        import ray
-
-        try:
-            return ray.get(ref)
-        except Exception as e:  # noqa: BLE001
-            cause = user_error(e)
-            if cause is not None:
-                self.close_pool()
-                raise cause from None
-            raise
-
     def _fit_or_fail(self, fit: Callable[[], dict]) -> dict:
         """Run the k-means fit; a user error (e.g. mixed widths) fails the run, recorded."""
         try:
@@ -551,17 +548,8 @@ class Run:
             raise RunFailed(f"prototypes failed, no manifest committed: {cause}") from None
 
     def _count_ready(self, ready: list[Any], prog: Progress) -> None:
-        import ray
-
         for r in ready:
-            try:
-                arr = ray.get(r)
-            except Exception as e:  # noqa: BLE001
-                cause = user_error(e)
-                if cause is not None:
-                    raise cause from None
-                raise
-            prog.update(len(arr))
+            prog.update(len(get_user(r)))
 
     def _sample_ready(
         self, pending: dict[Any, Shard], prog: Progress, failures: dict[int, str]

@@ -60,7 +60,7 @@ def read_shard_columns(in_store: Store, shard: Shard, columns: list[str], where:
     for c in columns:
         if c not in names:
             raise ValueError(f"{where}: column '{c}' not found (columns: {', '.join(names)})")
-    return read_shard(in_store, shard, columns)
+    return read_shard(in_store, shard, columns, pf)
 
 
 def check_finite(x: np.ndarray, ids: pa.Array, where: str, column: str) -> None:

@@ -108,9 +108,11 @@ def plan_shards(store: Store, shard_rows: int, files: list[dict[str, Any]] | Non
     return files, shards, {k: s for k, _, s in footers}
 
 
-def read_shard(store: Store, shard: Shard, columns: list[str]):
-    """The shard's rows (its row groups) for the given columns, as a pyarrow Table."""
-    pf = store.parquet_file(shard.file)
+def read_shard(store: Store, shard: Shard, columns: list[str], pf=None):
+    """The shard's rows (its row groups) for the given columns, as a pyarrow Table.
+
+    `pf`: the file's already opened ParquetFile (its footer read once), closed here."""
+    pf = pf if pf is not None else store.parquet_file(shard.file)
     try:
         return pf.read_row_groups(list(shard.row_groups), columns=columns)
     finally:
