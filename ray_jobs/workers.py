@@ -115,8 +115,9 @@ class ShardWorker:
     def sample(self, shard: Shard, count: int) -> np.ndarray:
         """The shard's prototype-sample rows, embedded (only those rows, read from the few
         row groups the sample rule picks)."""
+        part = stage.read_sample(self.cfg, self.in_store, shard, count, self.source)  # IO: unlocked
         with self.lock:
-            return stage.sample_shard(self.cfg, self.in_store, shard, count, source=self.source)
+            return stage.embed_sample(self.cfg, part, source=self.source)
 
 
 def sample_task(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> np.ndarray:

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from scoring.config import RunConfig
-from scoring.shards import Shard, embedding_matrix, read_shard
+from scoring.shards import Shard, embedding_matrix, read_shard_columns
 from scoring.storage import Store
 
 log = logging.getLogger(__name__)
@@ -612,16 +612,12 @@ class ShardEmbedder:
     def where(self, shard: Shard) -> str:
         return f"{self.in_store.uri(shard.file)} (shard {shard.index})"
 
-    def read(self, shard: Shard, columns: list[str] | None = None) -> pa.Table:
-        """The shard's id and content columns (IO only), validated."""
+    def read(self, shard: Shard, columns: list[str] | None = None, pf=None) -> pa.Table:
+        """The shard's id and content columns (IO only), validated. `pf`: the shard file's
+        opened ParquetFile, if the caller has it (one footer read)."""
         where = self.where(shard)
         cols = columns or [self.cfg.id_column, self.column]
-        pf = self.in_store.parquet_file(shard.file)
-        names = pf.schema_arrow.names
-        for c in cols:
-            if c not in names:
-                raise ValueError(f"{where}: column '{c}' not found (columns: {', '.join(names)})")
-        table = read_shard(self.in_store, shard, cols)
+        table = read_shard_columns(self.in_store, shard, cols, where, pf)
         ids = table[self.cfg.id_column]
         if ids.null_count:
             raise ValueError(

@@ -24,9 +24,9 @@ import pyarrow.compute as pc
 
 from scoring import manifest
 from scoring.prototypes import normalize
-from scoring.score import embeddings_key, read_shard_columns
+from scoring.score import embeddings_key
 from scoring.select import random_key
-from scoring.shards import Shard, embedding_matrix, plan_shards
+from scoring.shards import Shard, embedding_matrix, plan_shards, read_shard_columns
 from scoring.storage import Store
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from scoring import manifest
 from scoring.assign import NearestPrototype
 from scoring.config import RunConfig
 from scoring.prototypes import normalize, sample_groups
-from scoring.shards import Shard, embedding_matrix, read_shard
+from scoring.shards import Shard, embedding_matrix, read_shard_columns
 from scoring.storage import Store
 
 log = logging.getLogger(__name__)
@@ -42,25 +42,21 @@ class ShardSummary:
     sha256: str
 
 
-def load_embeddings(cfg: RunConfig, in_store: Store, shard: Shard):
+def load_embeddings(cfg: RunConfig, in_store: Store, shard: Shard, pf=None):
     """(ids as pyarrow Array, float32 [n, d] embeddings) of a shard, validated."""
     where = f"{in_store.uri(shard.file)} (shard {shard.index})"
-    table = read_shard_columns(in_store, shard, [cfg.id_column, cfg.embedding_column], where)
+    cols = [cfg.id_column, cfg.embedding_column]
+    return table_embeddings(cfg, read_shard_columns(in_store, shard, cols, where, pf), where)
+
+
+def table_embeddings(cfg: RunConfig, table: pa.Table, where: str):
+    """(ids, float32 [n, d]) of a table read from the input, validated."""
     ids = table[cfg.id_column].combine_chunks()
     if ids.null_count:
         raise ValueError(f"{where}: column '{cfg.id_column}' has {ids.null_count} null id(s)")
     x = embedding_matrix(table[cfg.embedding_column], where, cfg.embedding_column)
     check_finite(x, ids, where, cfg.embedding_column)
     return ids, x
-
-
-def read_shard_columns(in_store: Store, shard: Shard, columns: list[str], where: str) -> pa.Table:
-    pf = in_store.parquet_file(shard.file)
-    names = pf.schema_arrow.names
-    for c in columns:
-        if c not in names:
-            raise ValueError(f"{where}: column '{c}' not found (columns: {', '.join(names)})")
-    return read_shard(in_store, shard, columns, pf)
 
 
 def check_finite(x: np.ndarray, ids: pa.Array, where: str, column: str) -> None:
@@ -80,32 +76,54 @@ def sample_shard(
 
     With a `source` (a scoring.embed.ShardEmbedder), only the sample rows are embedded.
     """
+    return embed_sample(cfg, read_sample(cfg, in_store, shard, count, source), source)
+
+
+@dataclass
+class SamplePart:
+    """What `read_sample` read for a shard's sample share: the part of the shard (a few of its
+    row groups), the sample's row positions in it, and its rows (id and content columns)."""
+
+    part: Shard
+    rows: np.ndarray
+    table: pa.Table
+
+
+def read_sample(
+    cfg: RunConfig, in_store: Store, shard: Shard, count: int, source: Any = None
+) -> SamplePart | None:
+    """The IO half of `sample_shard` (a worker runs it outside its compute lock)."""
     if count == 0:
-        return np.zeros((0, 0), np.float32)
-    sub, rows = sample_subshard(in_store, shard, count, cfg.seed)
+        return None
+    pf = in_store.parquet_file(shard.file)
+    sub, rows = sample_subshard(pf, shard, count, cfg.seed)
     if source is not None:
-        _, x = source.embed(sub, rows=rows)
-        return normalize(x) if cfg.metric == "cosine" else x
-    _, x = load_embeddings(cfg, in_store, sub)
-    x = x[rows]
+        table = source.read(sub, pf=pf)
+    else:
+        where = f"{in_store.uri(shard.file)} (shard {shard.index})"
+        table = read_shard_columns(in_store, sub, [cfg.id_column, cfg.embedding_column], where, pf)
+    return SamplePart(sub, rows, table)
+
+
+def embed_sample(cfg: RunConfig, sample: SamplePart | None, source: Any = None) -> np.ndarray:
+    """The compute half of `sample_shard`: the sample rows' embeddings."""
+    if sample is None:
+        return np.zeros((0, 0), np.float32)
+    if source is not None:
+        _, x = source.embed(sample.part, table=sample.table, rows=sample.rows)
+    else:
+        where = f"{sample.part.file} (shard {sample.part.index})"
+        _, x = table_embeddings(cfg, sample.table, where)
+        x = x[sample.rows]
     return normalize(x) if cfg.metric == "cosine" else x
 
 
-def sample_subshard(
-    in_store: Store, shard: Shard, count: int, seed: int
-) -> tuple[Shard, np.ndarray]:
+def sample_subshard(pf, shard: Shard, count: int, seed: int) -> tuple[Shard, np.ndarray]:
     """The part of a shard its sample share is read from (a few of its row groups, see
     prototypes.sample_groups) and the row positions to take from that part. The part's
-    row_groups need not be contiguous."""
-    pf = in_store.parquet_file(shard.file)
-    try:
-        md = pf.metadata
-        group_rows = [md.row_group(g).num_rows for g in shard.row_groups]
-    finally:
-        try:
-            pf.reader.close()
-        except Exception:  # noqa: BLE001
-            pass
+    row_groups need not be contiguous. `pf`: the shard file's opened ParquetFile."""
+    md = pf.metadata
+    group_rows = [md.row_group(g).num_rows for g in shard.row_groups]
     picked, rows = sample_groups(group_rows, count, seed, shard.index)
     sub = dataclasses.replace(
         shard,

@@ -114,12 +114,48 @@ def read_shard(store: Store, shard: Shard, columns: list[str], pf=None):
     `pf`: the file's already opened ParquetFile (its footer read once), closed here."""
     pf = pf if pf is not None else store.parquet_file(shard.file)
     try:
+        if getattr(pf, "ranged_file", None) is not None:
+            # Fetch the column chunks first, as a few large concurrent requests: pyarrow
+            # would otherwise read them one by one through the file object.
+            pf.ranged_file.prefetch(column_chunk_spans(pf.metadata, shard.row_groups, columns))
         return pf.read_row_groups(list(shard.row_groups), columns=columns)
     finally:
         try:
             pf.reader.close()
         except Exception:  # noqa: BLE001
             pass
+        if getattr(pf, "ranged_file", None) is not None:
+            pf.ranged_file.close()  # drops the fetched bytes
+
+
+def read_shard_columns(store: Store, shard: Shard, columns: list[str], where: str, pf=None):
+    """The shard's columns (each checked to exist); `pf`: its opened ParquetFile, if any."""
+    pf = pf if pf is not None else store.parquet_file(shard.file)
+    names = pf.schema_arrow.names
+    for c in columns:
+        if c not in names:
+            raise ValueError(f"{where}: column '{c}' not found (columns: {', '.join(names)})")
+    return read_shard(store, shard, columns, pf)
+
+
+def column_chunk_spans(md, row_groups, columns: list[str]) -> list[tuple[int, int]]:
+    """[start, end) byte spans of the named top-level columns' chunks in these row groups
+    (a superset when a column name has dots; a missed byte is fetched on demand anyway)."""
+    spans = []
+    for g in row_groups:
+        rg = md.row_group(g)
+        for c in range(rg.num_columns):
+            cc = rg.column(c)
+            path = cc.path_in_schema
+            if not any(path == n or path.startswith(n + ".") for n in columns):
+                continue
+            start = cc.data_page_offset
+            if cc.has_dictionary_page and 0 < (cc.dictionary_page_offset or 0) < start:
+                start = cc.dictionary_page_offset
+            # + 100 bytes: old parquet-mr files under-report the size by the dictionary
+            # header (pyarrow pads its own reads the same way)
+            spans.append((start, start + cc.total_compressed_size + 100))
+    return spans
 
 
 def embedding_matrix(column, where: str, name: str) -> np.ndarray:

@@ -37,6 +37,17 @@ _PERMANENT_ERRNOS = {
 }
 
 
+# Remote Parquet reads (see RangedFile): byte ranges closer than RANGE_GAP_BYTES are merged
+# into one request, and merged ranges are fetched concurrently in parts of at most
+# RANGE_PART_BYTES, so a shard is usually one GET. Parallelism comes from the shards in flight
+# (2 per actor, many actors per node), not from splitting one shard; every extra request pays
+# the store's latency (and, on the moto test server, a copy of the whole object: 16 MB parts
+# made a 192 MB shard read 6x slower there, docs/scale.md).
+RANGE_GAP_BYTES = 1 << 20
+RANGE_PART_BYTES = 256 << 20
+FOOTER_READ_BYTES = 64 << 10  # pyarrow's own first footer read
+
+
 class StoreError(OSError):
     """A permanent storage error with a message that names the URL."""
 
@@ -250,6 +261,19 @@ class Store:
     def info(self, key: str) -> dict[str, Any]:
         return self._wrap(lambda: self.fs.info(self.path(key)), key, "stat")
 
+    def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes of [start, end) ranges of one object, fetched concurrently."""
+        if not ranges:
+            return []
+        p = self.path(key)
+        return self._wrap(
+            lambda: self.fs.cat_ranges(
+                [p] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges], on_error="raise"
+            ),
+            key,
+            "read",
+        )
+
     def open(self, key: str, mode: str = "rb", **kwargs: Any):
         """A file object for reading (used by pyarrow to read Parquet footers and row groups)."""
         return self._wrap(lambda: self.fs.open(self.path(key), mode, **kwargs), key, "open")
@@ -416,9 +440,13 @@ class Store:
                 raise ValueError(
                     f"{self.uri(key)}: not a valid Parquet file ({_first_line(e)})"
                 ) from None
-        f = self.open(key, "rb")
+        # Object stores: one HEAD and one GET of the tail for the footer; row groups are then
+        # fetched as a few large concurrent ranges (RangedFile.prefetch, shards.read_shard).
+        f = RangedFile(self, key, int(self.info(key)["size"]))
         try:
-            return retry_io(lambda: pq.ParquetFile(f), f"read footer {self.uri(key)}")
+            pf = retry_io(lambda: pq.ParquetFile(f.python_file()), f"read footer {self.uri(key)}")
+            pf.ranged_file = f  # for shards.read_shard's prefetch
+            return pf
         except Exception as e:
             f.close()
             if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and is_transient(e):
@@ -463,3 +491,104 @@ def _create_only_local_write(path: str, data: bytes) -> bool:
         return False
     finally:
         os.unlink(tmp)
+
+
+def merge_ranges(
+    spans: Iterable[tuple[int, int]], gap: int | None = None, part: int | None = None
+) -> list[tuple[int, int]]:
+    """Sorted [start, end) spans merged when closer than `gap`, then cut into parts of at most
+    `part` bytes: the requests to fetch them with."""
+    gap = RANGE_GAP_BYTES if gap is None else gap
+    part = RANGE_PART_BYTES if part is None else part
+    merged: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in spans if b > a):
+        if merged and a - merged[-1][1] <= gap:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(x, min(b, x + part)) for a, b in merged for x in range(a, b, part)]
+
+
+class RangedFile(io.RawIOBase):
+    """A read-only file over one remote object that serves reads from byte ranges fetched
+    ahead (`prefetch`: a few large concurrent requests) and fetches anything else with one
+    ranged GET per read. pyarrow reads a column chunk with one read, so a prefetched
+    row-group read costs exactly the prefetch requests."""
+
+    def __init__(self, store: Store, key: str, size: int):
+        super().__init__()
+        self.store, self.key, self.size = store, key, int(size)
+        self.pos = 0
+        self.parts: list[tuple[int, bytes]] = []  # sorted by start, non-overlapping
+        self.fetches = 0  # reads not served from prefetched parts (for tests and benchmarks)
+        self.prefetch([(max(0, self.size - FOOTER_READ_BYTES), self.size)])
+
+    def python_file(self):
+        import pyarrow as pa
+
+        return pa.PythonFile(self, mode="r")
+
+    def prefetch(self, spans: Iterable[tuple[int, int]]) -> None:
+        """Fetch these [start, end) byte spans (merged, in parts, concurrently) for later reads."""
+        ranges = merge_ranges((max(0, a), min(self.size, b)) for a, b in spans)
+        ranges = [r for r in ranges if not self._find(*r)]
+        data = self.store.get_ranges(self.key, ranges)
+        for (a, b), d in zip(ranges, data):
+            if len(d) != b - a:
+                raise OSError(
+                    errno.EIO, f"{self.store.uri(self.key)}: short read at {a} ({len(d)} bytes)"
+                )
+        self.parts = sorted(self.parts + [(a, d) for (a, _), d in zip(ranges, data)])
+
+    def _find(self, a: int, b: int) -> bytes | memoryview | None:
+        """The bytes [a, b) when fetched parts hold them all (a view when one part does)."""
+        import bisect
+
+        i = bisect.bisect_right(self.parts, a, key=lambda p: p[0]) - 1
+        pieces, at = [], a
+        while at < b:  # across contiguous parts (a merged range fetched in several requests)
+            if i < 0 or i >= len(self.parts):
+                return None
+            start, d = self.parts[i]
+            if not start <= at < start + len(d):
+                return None
+            pieces.append(memoryview(d)[at - start : b - start])  # no copy
+            at = start + len(d)
+            i += 1
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # type: ignore[return-value]
+
+    # -- io.RawIOBase ------------------------------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes | memoryview:
+        a = self.pos
+        b = self.size if n is None or n < 0 else min(self.size, a + n)
+        if b <= a:
+            return b""
+        d = self._find(a, b)
+        if d is None:
+            self.fetches += 1
+            d = self.store.get_range(self.key, a, b)
+        self.pos = a + len(d)
+        return d
+
+    def readinto(self, buf) -> int:
+        d = self.read(len(buf))
+        buf[: len(d)] = d
+        return len(d)
+
+    def close(self) -> None:
+        self.parts = []
+        super().close()

@@ -62,7 +62,7 @@ def test_sample_shard_reads_the_picked_row_groups_only(tmp_path):
     assert len(shards) == 2
     cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), metric="l2", k=2)
     sh = shards[1]
-    sub, rows = sample_subshard(store, sh, 50, cfg.seed)
+    sub, rows = sample_subshard(store.parquet_file(sh.file), sh, 50, cfg.seed)
     assert len(sub.row_groups) == 2  # 2 x 250 rows >= 8 x 50
     assert set(sub.row_groups) <= set(sh.row_groups)
     got = sample_shard(cfg, store, sh, 50)
