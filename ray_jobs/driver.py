@@ -709,6 +709,7 @@ class Run:
 
         from ray_jobs.workers import call, call_fn
         from scoring.percentile import PercentileBins
+        from scoring.score import shard_groups
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -721,8 +722,10 @@ class Run:
         counts = np.zeros(k, np.int64)
         dist_sum = np.zeros(k, np.float64)
         hist = np.zeros(1 << 16, np.int64)
-        prog = Progress("reduce: stats", len(idx), None, self.quiet)
-        for _, st in map_tasks(call, [("shard_stats", self.store, i, k) for i in idx], par):
+        # groups of shards per task: the driver sums O(tasks), not O(shards), k-sized vectors
+        groups = shard_groups(idx, 2 * par)
+        prog = Progress("reduce: stats", len(groups), None, self.quiet)
+        for _, st in map_tasks(call, [("group_stats", self.store, g, k) for g in groups], par):
             counts += st["counts"]
             dist_sum += st["dist_sum"]
             hist += st["hist"]
@@ -735,7 +738,7 @@ class Run:
         while (req := bins.refine_request()) is not None:
             prefixes, low_bits = req
             sub = np.zeros((len(prefixes), 256), np.int64)
-            args = [("shard_refine", self.store, i, prefixes, low_bits) for i in idx]
+            args = [("group_refine", self.store, g, prefixes, low_bits) for g in groups]
             for _, h in map_tasks(call, args, par):
                 sub += h
             bins.apply_refinement(prefixes, low_bits, sub)

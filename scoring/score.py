@@ -367,6 +367,32 @@ def shard_refine(run_store: Store, shard_index: int, prefixes: np.ndarray, low_b
     return refine_histogram(d, prefixes, low_bits)
 
 
+def group_stats(run_store: Store, shard_indices: list[int], k: int) -> dict[str, Any]:
+    """`shard_stats` summed over a group of shards: one task and one k-sized result per group,
+    so what the driver receives does not grow with the number of shards."""
+    out: dict[str, Any] = {}
+    for i in shard_indices:
+        st = shard_stats(run_store, i, k)
+        for key, v in st.items():
+            out[key] = out[key] + v if key in out else v
+    return out
+
+
+def group_refine(run_store: Store, shard_indices: list[int], prefixes: np.ndarray, low_bits: int):
+    """`shard_refine` summed over a group of shards."""
+    out = np.zeros((len(prefixes), 256), np.int64)
+    for i in shard_indices:
+        out += shard_refine(run_store, i, prefixes, low_bits)
+    return out
+
+
+def shard_groups(indices: list[int], tasks: int) -> list[list[int]]:
+    """At most `tasks` contiguous, near-equal groups of shard indices (none empty)."""
+    n = max(1, min(len(indices), int(tasks)))
+    bounds = np.linspace(0, len(indices), n + 1).astype(np.int64)
+    return [list(indices[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def keep_key(part: int) -> str:
     return f"keep/part-{part:06d}.parquet"
 

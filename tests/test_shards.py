@@ -134,3 +134,16 @@ def test_single_file_input(tmp_path):
     assert {s.file for s in shards} == {""}
     assert sum(s.rows for s in shards) == sum(LAYOUT["a.parquet"])
     assert read_shard(one, shards[0], ["id"])["id"].to_pylist()[:3] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("n,tasks", [(0, 4), (1, 4), (5, 8), (10, 4), (1001, 16)])
+def test_shard_groups_cover_each_shard_once(n, tasks):
+    from scoring.score import shard_groups
+
+    idx = list(range(100, 100 + n))
+    groups = shard_groups(idx, tasks)
+    assert [i for g in groups for i in g] == idx  # contiguous, in order, each once
+    assert len(groups) == min(n, tasks) and all(groups)
+    if groups:
+        sizes = [len(g) for g in groups]
+        assert max(sizes) - min(sizes) <= 1
