@@ -781,9 +781,12 @@ class Run:
             big = dedup and hi - lo == 1 and int(counts[lo]) * dim > DEDUP_RANGE_FLOATS
             return dim if big else None
 
+        # a global rule's first radix-select histogram comes with the range pass
+        rule = None if per_cluster else (cfg.strategy, cfg.seed, key_bits(cfg.strategy))
+        first_hist = None
         args = [
             ("scoring.annotate", "annotate_range", self.store, idx, part, lo, hi, k, bins,
-             cfg.dedup_eps, quotas_now, DEDUP_BLOCK, _stream(lo, hi), DEDUP_RANGE_FLOATS)
+             cfg.dedup_eps, quotas_now, DEDUP_BLOCK, _stream(lo, hi), DEDUP_RANGE_FLOATS, rule)
             for part, (lo, hi) in enumerate(ranges)
         ]  # fmt: skip
         # dedup's block products run on a GPU when the cluster has one (Ray hides GPUs from
@@ -797,6 +800,8 @@ class Run:
             labels_surv.update(res["survivor_labels"])
             if res["annotated"]:
                 annotated.append(res["annotated"])
+            if "key_hist" in res:
+                first_hist = res["key_hist"] + (0 if first_hist is None else first_hist)
             if quotas_now is not None:
                 _collect(res)
             prog.update()
@@ -815,7 +820,7 @@ class Run:
                 prog.update()
             prog.close()
         elif not per_cluster:
-            th, passes = self._global_threshold(parts, min(n_keep, m), m, par)
+            th, passes = self._global_threshold(parts, min(n_keep, m), m, par, first_hist)
             extra["threshold"] = th.to_json()
             extra["select_passes"] = passes
             args = [
@@ -880,13 +885,19 @@ class Run:
         q, info = dbp_quotas(centroids, counts, dist_sum, n_keep, self.cfg.dbp_temperature)
         return q, {"dbp": info}
 
-    def _global_threshold(self, parts: list[int], n_keep: int, m: int, par: int):
-        """The exact (key, id) threshold of a global rule over the survivors of all parts."""
+    def _global_threshold(
+        self, parts: list[int], n_keep: int, m: int, par: int, first_hist: np.ndarray | None
+    ):
+        """The exact (key, id) threshold of a global rule over the survivors of all parts.
+        `first_hist`: the first digit's histogram, summed from the range pass (no read)."""
         from ray_jobs.workers import call_fn
 
         cfg = self.cfg
         tot = key_bits(cfg.strategy)
         search = ThresholdSearch(n_keep, m, tot)
+        if first_hist is not None and search.request() == ("hist", 0, 0, n_keep):
+            search.add_histogram(first_hist)
+            search.advance()
         while (req := search.request()) is not None:
             mode, prefix, bits, limit = req
             if mode == "hist":

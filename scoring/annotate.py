@@ -134,9 +134,14 @@ def annotate_range(
     block: int = DEFAULT_BLOCK,
     stream_dim: int | None = None,
     memory: int = DEDUP_MEMORY_FLOATS,
+    rule: tuple[str, int, int] | None = None,
 ) -> dict[str, Any]:
     """Write annotated/part-RRRRRR.parquet for clusters [lo, hi); with `quotas` (per-cluster
     rule, no dedup pending) also write keep/part-RRRRRR.parquet. Returns k-vectors and counts.
+
+    `rule` = (strategy, seed, key bits) of a global rule: the range's survivors' first radix
+    digit histogram is returned too (`key_hist`), so the threshold search starts one pass
+    over the annotated parts later.
 
     `stream_dim` (the embedding width) marks a range of one cluster whose embeddings exceed
     `memory` floats: it is deduplicated through spilled rank-ordered chunks (see
@@ -183,6 +188,10 @@ def annotate_range(
     res["removed"] = kept_counts(t, k) - res["survivors"]
     res["labels"] = label_counts(t)
     res["survivor_labels"] = label_counts(live)
+    if rule is not None:
+        strategy, seed, bits = rule
+        keys = rule_key(strategy, live["distance"].to_numpy(), live["id"].combine_chunks(), seed)
+        res["key_hist"] = key_histogram(keys, 0, 0, bits)
     if quotas is not None:
         res.update(_keep_from(run_store, part, live, quotas, k))
     return res

@@ -165,6 +165,37 @@ def test_end_to_end_exact(ray_s3, tmp_path, where, id_kind, kind, dtype, metric,
     assert run(cfg, quiet=True)["files"] == doc["files"]
 
 
+@pytest.mark.parametrize("strategy,id_kind", [("hard", "int"), ("easy", "str"), ("random", "str")])
+def test_global_rule_with_many_select_passes(ray_local, tmp_path, monkeypatch, strategy, id_kind):
+    """A 3-row gather cap forces the radix select through every digit: the first digit's
+    histogram comes from the range pass (no read), the others from the annotated parts."""
+    import functools
+
+    import ray_jobs.driver as driver
+
+    monkeypatch.setattr(
+        driver, "ThresholdSearch", functools.partial(driver.ThresholdSearch, gather_cap=3)
+    )
+    ids, x = dataset(id_kind, seed=11)
+    inp = str(tmp_path / "dataset")
+    write_dataset(Store(inp), x, ids, files=2)
+    cfg = RunConfig(
+        input=inp,
+        output=str(tmp_path / "runs"),
+        run_id="passes",
+        k=K,
+        kmeans_iters=3,
+        sample_size=800,
+        shard_rows=700,
+        strategy=strategy,
+        keep_fraction=0.37,
+        quiet=True,
+    )
+    doc = run(cfg, quiet=True)
+    check_run(cfg, doc, ids, x, n_files=2)
+    assert doc["select_passes"] >= 2  # the seeded digit, then reads of the annotated parts
+
+
 @pytest.mark.parametrize("keep_count,strategy", [(0, "balanced"), (N, "hard")])
 def test_keep_count_edges(ray_s3, tmp_path, keep_count, strategy):
     ids, x = dataset("int", seed=9)
