@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from _common import TreeMemory, bench_dir, gib, header, init_ray, loadavg, shutdown_ray
 
-from scoring.score import SCORE_ROW_GROUP, score_key, scores_table
+from scoring.score import SCORE_ROW_GROUP, score_key, scores_table, write_id_hashes
 from scoring.shards import Shard
 from scoring.storage import Store
 
@@ -39,7 +39,7 @@ def cluster_of(rng, n: int, k: int) -> np.ndarray:
 def write_shard(args) -> None:
     root, i, rows, k = args
     st = Store(root)
-    if st.exists(f"_commits/bench/{i}"):
+    if st.exists(f"_commits/bench-ids/{i}"):
         return
     rng = np.random.default_rng(1000 + i)
     ids = pa.array(rng.permutation(rows).astype(np.int64) + i * rows)
@@ -47,7 +47,8 @@ def write_shard(args) -> None:
     dist = np.round(rng.gamma(4.0, 0.05, size=rows), 4).astype(np.float32)
     t = scores_table(ids, cl, dist, dist + np.float32(0.01))
     st.write_parquet(score_key(i), t, row_group_size=SCORE_ROW_GROUP)
-    st.put_bytes(f"_commits/bench/{i}", b"")
+    write_id_hashes(st, i, ids)  # the reduce's duplicate-id check reads these
+    st.put_bytes(f"_commits/bench-ids/{i}", b"")
 
 
 def reference_check(st: Store, n_shards: int, strategy: str, n_keep: int, k: int, seed: int):

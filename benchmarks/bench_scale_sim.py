@@ -32,7 +32,12 @@ class InstantWorker:
         self.run_store = run_store
         self.sha = prototypes_sha
 
-    def score(self, shard) -> ShardSummary:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, shard, cached=None, prototypes=None) -> ShardSummary:
+        if prototypes is not None:  # [ObjectRef of the centroids, their sha256]
+            self.sha = prototypes[1]
         manifest.write_marker(
             self.run_store,
             "scores",

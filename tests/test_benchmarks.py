@@ -1,0 +1,73 @@
+"""Every benchmark script runs end to end at tiny sizes, so none of them rots between the
+sessions that measure with them. Their numbers are not checked here (speed is never asserted
+in tests); what is checked is what each script itself verifies (bench_reduce: exact against
+its reference; gpu_check: the bf16 search equals fp64 brute force) and that it prints its
+result lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CASES = {
+    "bench_e2e.py": (
+        ["--rows", "20000", "--dim", "16", "--k", "20", "--sample", "2000", "--files", "2"],
+        ["[local] protoprune (auto)", "[s3] protoprune (auto)", "| s3 | auto |"],
+    ),
+    "bench_reduce.py": (
+        ["--rows", "200000", "--shards", "4", "--k", "50"],
+        ["hard: ", "balanced: ", "exact on 20 clusters", "bare balanced"],
+    ),
+    "bench_scale_sim.py": (
+        ["--shards", "300", "--k", "100", "--s3-markers", "20"],
+        ["driver scheduling with Ray", "resume: list + read 300 markers", "S3 resume listing"],
+    ),
+    "bench_memory.py": (
+        ["--rows", "20000,40000", "--dim", "8", "--k", "10", "--shard-rows", "10000"],
+        ["growth 2x rows"],
+    ),
+    "bench_kmeans_sample.py": (
+        ["--rows", "20000", "--dim", "8", "--k", "20", "--iters", "3"],
+        ["| shuffled | row groups", "| sorted | uniform"],
+    ),
+    "resume_bench.py": (
+        ["--rows", "4000", "--files", "2", "--shard-rows", "1000", "--k", "8"],
+        ["resume (half)", "rerun of a committed run"],
+    ),
+    "bench_score.py": (
+        ["--rows", "20000", "--dim", "16", "--k", "20", "--files", "2"],
+        ["ratio protoprune / baseline"],
+    ),
+    "gpu_check.py": (
+        ["--cpu-smoke"],
+        ["| bf16 GEMM peak", "| k-means", "| MiniLM-L6 embedding", "0 wrong clusters"],
+    ),
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_runs_at_tiny_size(script, tmp_path):
+    args, expect = CASES[script]
+    env = dict(
+        os.environ,
+        PP_BENCH_DIR=str(tmp_path),
+        RAY_AUTH_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    for line in expect:
+        assert line in out.stdout, (line, out.stdout[-3000:])
