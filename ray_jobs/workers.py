@@ -46,7 +46,19 @@ class ShardWorker:
         self.prototypes_sha = prototypes_sha
         self.lock = threading.Lock()
         threads = int(cfg.cpus_per_worker) if cfg.cpus_per_worker else None
-        self.source = ShardEmbedder(cfg, in_store, device_for(use_gpu), threads=threads)
+        # A model that fails to load (truncated weights, a factory that raises, no GPU memory)
+        # is a user error, the same on every retry: kept as one line and raised by every
+        # call as a ValueError, so the run fails with that line instead of Ray's actor-death
+        # traceback and futile actor replacements.
+        self.start_error: str | None = None
+        try:
+            self.source = ShardEmbedder(cfg, in_store, device_for(use_gpu), threads=threads)
+        except Exception as e:  # noqa: BLE001 - reported by every call (_started)
+            self.source = None
+            msg = (str(e).strip().splitlines() or [""])[0][:300]
+            self.start_error = (
+                f"model '{cfg.model}' failed to load on a worker ({type(e).__name__}: {msg})"
+            )
         self.use_gpu = use_gpu
         self.searcher = None
         if centroids is not None:
@@ -64,6 +76,10 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def _started(self) -> None:
+        if self.start_error is not None:
+            raise ValueError(self.start_error)
+
     def score(
         self, shard: Shard, cached: list | None = None, prototypes: list | None = None
     ) -> stage.ShardSummary:
@@ -72,6 +88,7 @@ class ShardWorker:
         embedded again. `prototypes` = [ObjectRef of the centroids, their sha256]: loaded
         when they differ from the actor's (the same actors serve the sample stage first,
         and a restarted actor reloads them on its next call)."""
+        self._started()
         delay = float(os.environ.get("PROTOPRUNE_FAULT_SHARD_DELAY_S", "0") or 0)
         if delay > 0:  # fault-injection knob for tests: widen the window to kill a worker
             time.sleep(delay)
@@ -115,6 +132,7 @@ class ShardWorker:
     def sample(self, shard: Shard, count: int) -> np.ndarray:
         """The shard's prototype-sample rows, embedded (only those rows, read from the few
         row groups the sample rule picks)."""
+        self._started()
         part = stage.read_sample(self.cfg, self.in_store, shard, count, self.source)  # IO: unlocked
         with self.lock:
             return stage.embed_sample(self.cfg, part, source=self.source)

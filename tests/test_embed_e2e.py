@@ -270,3 +270,32 @@ def test_cli_unknown_model_fails_before_any_actor(tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("protoprune: error: ") and msg in last, last
         assert "Traceback" not in r.stderr
+
+
+def test_cli_model_failing_on_the_workers_is_one_line(tmp_path):
+    """The spec passes the driver's checks but the factory raises inside every actor: one
+    line naming the model and the cause, exit 2, no traceback, nothing committed."""
+    store = Store(str(tmp_path / "in"))
+    write(store, "a.parquet", pa.table({"id": list(range(40)), "text": ["t"] * 40}))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
+        RAY_AUTH_MODE="disabled",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.cli", "run", "--input", store.url, "--output",
+         str(tmp_path / "runs"), "--run-id", "r", "--text-column", "text", "--model",
+         "tests.tiny_cnn:broken_factory", "--k", "2", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines == [
+        "protoprune: error: model 'tests.tiny_cnn:broken_factory' failed to load on a worker "
+        "(ValueError: weights file tiny.bin is truncated)"
+    ], r.stderr
+    run = tmp_path / "runs" / "r"
+    assert not (run / "_MANIFEST.json").exists() and not list(run.rglob("_commits/**/*.json"))

@@ -46,3 +46,8 @@ def preprocess(img) -> torch.Tensor:
 
 def not_a_pair():
     return "nope"
+
+
+def broken_factory():
+    """A factory whose weights fail to load on the worker (the error tests use it)."""
+    raise ValueError("weights file tiny.bin is truncated")
