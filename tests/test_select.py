@@ -121,6 +121,15 @@ def test_random_key_matches_reference_hash():
     strs = ["", "a", "é日", "id-17"]
     got = random_key(pa.array(strs), 42)
     assert got.tolist() == [ref_hash(s, 42) for s in strs]
+    # read from the Arrow buffers: every string layout, slices and chunks give the same keys
+    want = [ref_hash(s, 42) for s in strs]
+    for typ in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary()):
+        arr = pa.array([s.encode() if "binary" in str(typ) else s for s in strs], typ)
+        assert random_key(arr, 42).tolist() == want
+        assert random_key(arr.slice(1, 2), 42).tolist() == want[1:3]
+        assert random_key(pa.chunked_array([arr.slice(0, 1), arr.slice(1)]), 42).tolist() == want
+    assert random_key(pa.array([], pa.string()), 42).tolist() == []
+    assert random_key(pa.array(["", ""]), 42).tolist() == [ref_hash("", 42)] * 2
     # the key depends on the seed and not on the integer type width
     assert random_key(pa.array([5], pa.int32()), 1)[0] == random_key(pa.array([5]), 1)[0]
     assert random_key(pa.array([5]), 1)[0] != random_key(pa.array([5]), 2)[0]
