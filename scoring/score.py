@@ -87,6 +87,7 @@ class SamplePart:
     part: Shard
     rows: np.ndarray
     table: pa.Table
+    where: str  # the input file's URL and the shard, for messages
 
 
 def read_sample(
@@ -95,14 +96,14 @@ def read_sample(
     """The IO half of `sample_shard` (a worker runs it outside its compute lock)."""
     if count == 0:
         return None
+    where = f"{in_store.uri(shard.file)} (shard {shard.index})"
     pf = in_store.parquet_file(shard.file)
     sub, rows = sample_subshard(pf, shard, count, cfg.seed)
     if source is not None:
         table = source.read(sub, pf=pf)
     else:
-        where = f"{in_store.uri(shard.file)} (shard {shard.index})"
         table = read_shard_columns(in_store, sub, [cfg.id_column, cfg.embedding_column], where, pf)
-    return SamplePart(sub, rows, table)
+    return SamplePart(sub, rows, table, where)
 
 
 def embed_sample(cfg: RunConfig, sample: SamplePart | None, source: Any = None) -> np.ndarray:
@@ -112,8 +113,7 @@ def embed_sample(cfg: RunConfig, sample: SamplePart | None, source: Any = None) 
     if source is not None:
         _, x = source.embed(sample.part, table=sample.table, rows=sample.rows)
     else:
-        where = f"{sample.part.file} (shard {sample.part.index})"
-        _, x = table_embeddings(cfg, sample.table, where)
+        _, x = table_embeddings(cfg, sample.table, sample.where)
         x = x[sample.rows]
     return normalize(x) if cfg.metric == "cosine" else x
 
