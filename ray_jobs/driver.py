@@ -21,7 +21,7 @@ from ray_jobs.progress import Progress
 from ray_jobs.progress import configure as configure_progress
 from scoring import manifest
 from scoring.config import RunConfig
-from scoring.embed import check_model_spec, content_column
+from scoring.embed import ModelLoadError, check_model_spec, content_column
 from scoring.prototypes import (
     load_committed,
     load_committed_marker,
@@ -463,18 +463,25 @@ class Run:
     def _sample_on_actors(self, todo: list[tuple[Shard, int]], prog: Progress) -> list[Any]:
         """Raw content: ShardWorker actors (the embedder loaded once each) embed only the
         sample rows. A shard whose sample is the whole shard keeps its embeddings (the
-        ObjectRef, in self.cached) for the score stage, so no row is embedded twice."""
+        ObjectRef, in self.cached) for the score stage, so no row is embedded twice. Bad data
+        in a shard is recorded and reported with the others, as on the task path."""
         actors = self.pool()
         n = len(actors)
         retries = self.cfg.max_retries  # sampling writes nothing: safe to retry on a lost actor
-        calls = [
-            lambda i=i, s=s, c=c: (
-                actors[i % n].sample.options(max_task_retries=retries).remote(s, c)
-            )
-            for i, (s, c) in enumerate(todo)
-        ]
+        refs: list[Any] = []
+        failures: dict[int, str] = {}
+        pending: dict[Any, Shard] = {}
         try:
-            refs = self._bounded(calls, IN_FLIGHT_PER_WORKER * n, prog)
+            for i, (s, c) in enumerate(todo):
+                if len(pending) >= IN_FLIGHT_PER_WORKER * n:
+                    self._sample_ready(pending, prog, failures)
+                ref = actors[i % n].sample.options(max_task_retries=retries).remote(s, c)
+                refs.append(ref)
+                pending[ref] = s
+            while pending:
+                self._sample_ready(pending, prog, failures)
+            if failures:
+                self._fail("prototypes", failures)
         except BaseException:
             self.close_pool()
             raise
@@ -518,24 +525,6 @@ class Run:
             ray.kill(a)
         self._actors = None
 
-    def _bounded(self, calls: list[Callable[[], Any]], limit: int, prog: Progress) -> list[Any]:
-        """Submit calls with at most `limit` in flight; results stay in the object store."""
-        import ray
-
-        refs: list[Any] = []
-        pending: list[Any] = []
-        for call_ in calls:
-            if len(pending) >= limit:
-                ready, pending = ray.wait(pending, num_returns=1)
-                self._count_ready(ready, prog)
-            ref = call_()
-            refs.append(ref)
-            pending.append(ref)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            self._count_ready(ready, prog)
-        return refs
-
     def _fit_or_fail(self, fit: Callable[[], dict]) -> dict:
         """Run the k-means fit; a user error (e.g. mixed widths) fails the run, recorded."""
         try:
@@ -546,10 +535,6 @@ class Run:
                 raise
             manifest.record_failure(self.store, "prototypes", "fit", {"error": str(cause)})
             raise RunFailed(f"prototypes failed, no manifest committed: {cause}") from None
-
-    def _count_ready(self, ready: list[Any], prog: Progress) -> None:
-        for r in ready:
-            prog.update(len(get_user(r)))
 
     def _sample_ready(
         self, pending: dict[Any, Shard], prog: Progress, failures: dict[int, str]
@@ -565,6 +550,8 @@ class Run:
                 cause = user_error(e)
                 if cause is None:
                     raise
+                if isinstance(cause, ModelLoadError):  # the same on every shard: one line
+                    raise cause from None
                 failures[shard.index] = str(cause)
                 self._record("prototypes", shard.index, str(cause))
                 prog.update(failed=True)
@@ -661,6 +648,9 @@ class Run:
                     summary = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - classified below
                     cause = user_error(e)
+                    if isinstance(cause, ModelLoadError):  # the same on every shard: one line
+                        self.close_pool()
+                        raise cause from None
                     if cause is not None:
                         failures[shard.index] = str(cause)
                         self._record("scores", shard.index, str(cause))

@@ -48,7 +48,7 @@ class ShardWorker:
         threads = int(cfg.cpus_per_worker) if cfg.cpus_per_worker else None
         # A model that fails to load (truncated weights, a factory that raises, no GPU memory)
         # is a user error, the same on every retry: kept as one line and raised by every
-        # call as a ValueError, so the run fails with that line instead of Ray's actor-death
+        # call as a ModelLoadError, so the run fails with that line instead of Ray's actor-death
         # traceback and futile actor replacements.
         self.start_error: str | None = None
         try:
@@ -78,7 +78,9 @@ class ShardWorker:
 
     def _started(self) -> None:
         if self.start_error is not None:
-            raise ValueError(self.start_error)
+            from scoring.embed import ModelLoadError
+
+            raise ModelLoadError(self.start_error)
 
     def score(
         self, shard: Shard, cached: list | None = None, prototypes: list | None = None

@@ -440,6 +440,10 @@ def load_embedder(
     return SentenceTransformerEmbedder(spec, column, device, bs)
 
 
+class ModelLoadError(ValueError):
+    """The model could not be loaded on a worker: a user error, the same for every shard."""
+
+
 def check_model_spec(cfg: RunConfig) -> None:
     """Cheap checks on the driver, before any actor starts (no weights are loaded): the
     package of a prefixed spec is installed, a module:factory imports and names a callable, a
@@ -672,6 +676,7 @@ def _first_line(e: BaseException) -> str:
 
 __all__ = [
     "Embedder",
+    "ModelLoadError",
     "PrecomputedEmbedder",
     "SentenceTransformerEmbedder",
     "ShardEmbedder",

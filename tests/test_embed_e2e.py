@@ -171,8 +171,13 @@ def test_undecodable_image_fails_the_run_naming_file_and_id(ray_local, tmp_path)
     blobs[13] = b"GIF89a but not really"
     store = Store(str(tmp_path / "in"))
     write(store, "a.parquet", pa.table({"id": list(range(20)), "img": blobs}), rg=10)
+    from ray_jobs.driver import RunFailed
+    from scoring import manifest
+
     with pytest.raises(
-        ValueError, match=r"a.parquet \(shard 1\): column 'img' id 13: cannot decode image"
+        RunFailed,
+        match=r"1 shard\(s\) failed in prototypes.*a.parquet \(shard 1\): column 'img' id 13: "
+        r"cannot decode image",
     ):
         run_cfg(
             input=store.url,
@@ -183,7 +188,10 @@ def test_undecodable_image_fails_the_run_naming_file_and_id(ray_local, tmp_path)
             k=2,
             shard_rows=10,
         )
-    assert not Store(str(tmp_path / "runs" / "bad")).exists("_MANIFEST.json")
+    runs = Store(str(tmp_path / "runs" / "bad"))
+    assert not runs.exists("_MANIFEST.json")
+    # recorded like a bad shard of precomputed embeddings, for `protoprune status`
+    assert list(manifest.failures(runs, "prototypes")) == [manifest.shard_name(1)]
 
 
 def test_worker_resources(ray_local, tmp_path):
