@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from scoring.dedup import DEFAULT_BLOCK, dedup_sorted
 from scoring.percentile import PercentileBins
@@ -31,6 +30,7 @@ from scoring.score import (
     write_keep_part,
 )
 from scoring.select import gather_candidates, keep_mask, key_histogram, rule_key, select_per_cluster
+from scoring.shards import read_groups
 from scoring.storage import Store
 
 
@@ -65,11 +65,11 @@ def read_range(
     the range) are added."""
     parts, embs = [], []
     for s in shard_indices:
-        pf = pq.ParquetFile(run_store.open(score_key(s)))
+        pf = run_store.parquet_file(score_key(s))
         groups = _groups(pf, lo, hi)
         if not groups:
             continue
-        t = pf.read_row_groups(groups)
+        t = read_groups(pf, groups)
         mask = pc.and_(pc.greater_equal(t["cluster"], lo), pc.less(t["cluster"], hi))
         if with_embeddings:
             key = embeddings_key(s)
@@ -78,13 +78,13 @@ def read_range(
                     f"{run_store.uri(key)}: not found (dedup needs the embeddings saved by the "
                     f"score stage; rerun with a new --run-id)"
                 )
-            ef = pq.ParquetFile(run_store.open(key))
+            ef = run_store.parquet_file(key)
             for g in groups:
                 if ef.metadata.row_group(g).num_rows != pf.metadata.row_group(g).num_rows:
                     raise ValueError(
                         f"{run_store.uri(key)}: row group {g} does not match {score_key(s)}"
                     )
-            e = ef.read_row_groups(groups)
+            e = read_groups(ef, groups)
             if not e["id"].equals(t["id"]):
                 raise ValueError(f"{run_store.uri(key)}: ids differ from {score_key(s)}")
             e = e.filter(mask)
@@ -218,11 +218,11 @@ def _streamed_dedup(
     rank = np.arange(n)
     for s in np.unique(shard_of):
         sel = shard_of == s
-        sf = pq.ParquetFile(run_store.open(score_key(int(s))))
+        sf = run_store.parquet_file(score_key(int(s)))
         groups = _groups(sf, lo, lo + 1)
-        cl = sf.read_row_groups(groups, columns=["cluster"])["cluster"]
-        ef = pq.ParquetFile(run_store.open(embeddings_key(int(s))))
-        e = ef.read_row_groups(groups).filter(pc.equal(cl, lo))["embedding"].combine_chunks()
+        cl = read_groups(sf, groups, ["cluster"])["cluster"]
+        ef = run_store.parquet_file(embeddings_key(int(s)))
+        e = read_groups(ef, groups).filter(pc.equal(cl, lo))["embedding"].combine_chunks()
         x = e.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)[pos[sel]]
         r = rank[sel]
         for c in np.unique(r // chunk_rows):

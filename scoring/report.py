@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from scoring import manifest
-from scoring.shards import Shard
+from scoring.shards import Shard, prefetch_groups, read_groups
 from scoring.storage import Store
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,9 @@ def _iter_row_groups(store: Store, key: str, columns: list[str]):
     pf = store.parquet_file(key)
     names = pf.schema_arrow.names
     cols = [c for c in columns if c in names]
-    for g in range(pf.metadata.num_row_groups):
+    groups = range(pf.metadata.num_row_groups)
+    prefetch_groups(pf, groups, cols)  # object stores: one GET for the file's columns
+    for g in groups:
         yield pf.read_row_group(g, columns=cols)
 
 
@@ -316,7 +318,7 @@ def _cluster_examples(
             st = pf.metadata.row_group(g).column(col).statistics
             if st is not None and st.has_min_max and not any(st.min <= j <= st.max for j in top):
                 continue
-            t = pf.read_row_group(g, columns=["id", "cluster", "distance"])
+            t = read_groups(pf, [g], ["id", "cluster", "distance"])
             for j in top:
                 sub = t.filter(pc.equal(t["cluster"], j))
                 if sub.num_rows:
@@ -396,7 +398,7 @@ def _attach_content(
                     f"(columns: {', '.join(pf.schema_arrow.names)})"
                 )
             for g in shard.row_groups:
-                t = pf.read_row_group(g, columns=[id_col, column])
+                t = read_groups(pf, [g], [id_col, column])
                 m = pc.is_in(t[id_col], value_set=pa.array(list(ids), t[id_col].type))
                 for r in t.filter(m).to_pylist():
                     found[r[id_col]] = r[column]

@@ -21,7 +21,7 @@ from scoring import manifest
 from scoring.assign import NearestPrototype
 from scoring.config import RunConfig
 from scoring.prototypes import normalize, sample_groups
-from scoring.shards import Shard, embedding_matrix, read_shard_columns
+from scoring.shards import Shard, embedding_matrix, read_groups, read_shard_columns
 from scoring.storage import Store
 
 log = logging.getLogger(__name__)
@@ -297,11 +297,9 @@ def duplicate_ids(
     Memory: the ids of one hash range. Returns {"count": duplicated ids in the range,
     "examples": [{"id", "where": [[shard, row], ...]}, ...] (at most `limit`)}.
     """
-    import pyarrow.parquet as pq
-
     parts = []
     for s in shard_indices:
-        pf = pq.ParquetFile(run_store.open(ids_key(s)))
+        pf = run_store.parquet_file(ids_key(s))
         groups = []
         for g in range(pf.metadata.num_row_groups):
             st = pf.metadata.row_group(g).column(0).statistics
@@ -309,7 +307,7 @@ def duplicate_ids(
                 groups.append(g)
         if not groups:
             continue
-        t = pf.read_row_groups(groups)
+        t = read_groups(pf, groups)
         h = t["hash"].to_numpy()
         m = h >= np.uint64(lo)
         if hi < 2**64:

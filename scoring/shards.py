@@ -114,11 +114,7 @@ def read_shard(store: Store, shard: Shard, columns: list[str], pf=None):
     `pf`: the file's already opened ParquetFile (its footer read once), closed here."""
     pf = pf if pf is not None else store.parquet_file(shard.file)
     try:
-        if getattr(pf, "ranged_file", None) is not None:
-            # Fetch the column chunks first, as a few large concurrent requests: pyarrow
-            # would otherwise read them one by one through the file object.
-            pf.ranged_file.prefetch(column_chunk_spans(pf.metadata, shard.row_groups, columns))
-        return pf.read_row_groups(list(shard.row_groups), columns=columns)
+        return read_groups(pf, shard.row_groups, columns)
     finally:
         try:
             pf.reader.close()
@@ -136,6 +132,22 @@ def read_shard_columns(store: Store, shard: Shard, columns: list[str], where: st
         if c not in names:
             raise ValueError(f"{where}: column '{c}' not found (columns: {', '.join(names)})")
     return read_shard(store, shard, columns, pf)
+
+
+def prefetch_groups(pf, row_groups, columns: list[str] | None = None) -> None:
+    """On an object store (a `Store.parquet_file` over a RangedFile), fetch these row groups'
+    column chunks now, as a few large concurrent requests: pyarrow would otherwise ask for
+    them one column chunk at a time. Nothing to do for local files (memory-mapped)."""
+    ranged = getattr(pf, "ranged_file", None)
+    if ranged is not None:
+        cols = columns if columns is not None else pf.schema_arrow.names
+        ranged.prefetch(column_chunk_spans(pf.metadata, row_groups, cols))
+
+
+def read_groups(pf, row_groups, columns: list[str] | None = None):
+    """`pf.read_row_groups`, its bytes fetched first by `prefetch_groups`."""
+    prefetch_groups(pf, row_groups, columns)
+    return pf.read_row_groups(list(row_groups), columns=columns)
 
 
 def column_chunk_spans(md, row_groups, columns: list[str]) -> list[tuple[int, int]]:
