@@ -564,7 +564,8 @@ class RangedFile(io.RawIOBase):
                 raise OSError(
                     errno.EIO, f"{self.store.uri(self.key)}: short read at {a} ({len(d)} bytes)"
                 )
-        self.parts = sorted(self.parts + [(a, d) for (a, _), d in zip(ranges, data)])
+        new = [(a, d) for (a, _), d in zip(ranges, data)]
+        self.parts = sorted(self.parts + new, key=lambda p: p[0])
 
     def _find(self, a: int, b: int) -> bytes | memoryview | None:
         """The bytes [a, b) when fetched parts hold them all (a view when one part does)."""
