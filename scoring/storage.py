@@ -471,7 +471,7 @@ class Store:
         f = RangedFile(self, key, int(self.info(key)["size"]))
         try:
             pf = retry_io(lambda: pq.ParquetFile(f.python_file()), f"read footer {self.uri(key)}")
-            pf.ranged_file = f  # for shards.read_shard's prefetch
+            pf.ranged_file = f  # for shards.prefetch_groups
             return pf
         except Exception as e:
             f.close()
@@ -545,7 +545,7 @@ class RangedFile(io.RawIOBase):
         super().__init__()
         self.store, self.key, self.size = store, key, int(size)
         self.pos = 0
-        self.parts: list[tuple[int, bytes]] = []  # sorted by start, non-overlapping
+        self.parts: list[tuple[int, bytes]] = []  # (offset, bytes), sorted by offset
         self.fetches = 0  # reads not served from prefetched parts (for tests and benchmarks)
         self.prefetch([(max(0, self.size - FOOTER_READ_BYTES), self.size)])
 
