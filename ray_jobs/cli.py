@@ -218,8 +218,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     max_rows = args.max_rows or MAX_ROWS
     if args.out:
         page = build_report(store, example_column=args.example_column, max_rows=max_rows)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(page)
+        folder, name = os.path.split(args.out)
+        Store(folder or ".").put_bytes(name, page.encode("utf-8"))
         print(args.out)
     else:
         print(write_report(store, example_column=args.example_column, max_rows=max_rows))

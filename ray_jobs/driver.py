@@ -162,6 +162,15 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def shard_error(exc: BaseException) -> BaseException | None:
+    """`user_error` for one shard's call; a model that fails to load on the workers is the
+    same for every shard, so it is raised at once (one line) instead of recorded per shard."""
+    cause = user_error(exc)
+    if isinstance(cause, ModelLoadError):
+        raise cause from None
+    return cause
+
+
 def first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0][:300] if lines else type(e).__name__
@@ -547,11 +556,9 @@ class Run:
             try:
                 arr = ray.get(r)
             except Exception as e:  # noqa: BLE001
-                cause = user_error(e)
+                cause = shard_error(e)
                 if cause is None:
                     raise
-                if isinstance(cause, ModelLoadError):  # the same on every shard: one line
-                    raise cause from None
                 failures[shard.index] = str(cause)
                 self._record("prototypes", shard.index, str(cause))
                 prog.update(failed=True)
@@ -647,10 +654,7 @@ class Run:
                 try:
                     summary = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - classified below
-                    cause = user_error(e)
-                    if isinstance(cause, ModelLoadError):  # the same on every shard: one line
-                        self.close_pool()
-                        raise cause from None
+                    cause = shard_error(e)  # run() closes the pool on the way out
                     if cause is not None:
                         failures[shard.index] = str(cause)
                         self._record("scores", shard.index, str(cause))

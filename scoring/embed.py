@@ -142,10 +142,7 @@ class SentenceTransformerEmbedder:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
-            raise ValueError(
-                f"model '{spec}': sentence-transformers is not installed "
-                "(pip install sentence-transformers, or protoprune[text])"
-            ) from None
+            raise _no_sentence_transformers(spec) from None
         try:
             self.model = SentenceTransformer(str(spec), device=device, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any load failure is a bad model spec
@@ -440,6 +437,13 @@ def load_embedder(
     return SentenceTransformerEmbedder(spec, column, device, bs)
 
 
+def _no_sentence_transformers(spec: str) -> ValueError:
+    return ValueError(
+        f"model '{spec}': sentence-transformers is not installed "
+        "(pip install sentence-transformers, or protoprune[text])"
+    )
+
+
 class ModelLoadError(ValueError):
     """The model could not be loaded on a worker: a user error, the same for every shard."""
 
@@ -475,10 +479,7 @@ def check_model_spec(cfg: RunConfig) -> None:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ValueError(
-            f"model '{spec}': sentence-transformers is not installed "
-            "(pip install sentence-transformers, or protoprune[text])"
-        ) from None
+        raise _no_sentence_transformers(spec) from None
     for repo in [spec] + ([f"sentence-transformers/{spec}"] if "/" not in spec else []):
         try:
             snapshot_download(repo, local_files_only=True)

@@ -182,6 +182,17 @@ def wipe_run(store: Store) -> list[str]:
 STAGES = ("prototypes", "scores", "reduce")
 
 
+def _one_unit(done: bool, failures: list[dict[str, Any]]) -> dict[str, Any]:
+    """Status counts of a stage that is one unit of work (prototypes, reduce)."""
+    return {
+        "units": 1,
+        "done": int(done),
+        "failed": int(bool(failures)),
+        "pending": 0 if (done or failures) else 1,
+        "failures": failures,
+    }
+
+
 def run_status(store: Store) -> dict[str, Any]:
     """What a run folder says about its progress: a pure read, safe on a running or dead run.
 
@@ -220,11 +231,7 @@ def run_status(store: Store) -> dict[str, Any]:
     proto_marker = read_json(store, COMMIT_KEY) if store.exists(COMMIT_KEY) else None
     proto_fail = [] if proto_marker else fail_list("prototypes")
     proto = {
-        "units": 1,
-        "done": 1 if proto_marker else 0,
-        "failed": 1 if proto_fail else 0,
-        "pending": 0 if (proto_marker or proto_fail) else 1,
-        "failures": proto_fail,
+        **_one_unit(proto_marker is not None, proto_fail),
         "sha256": proto_marker.get("sha256") if proto_marker else None,
         "sample_rows": proto_marker.get("sample_rows") if proto_marker else None,
     }
@@ -243,13 +250,7 @@ def run_status(store: Store) -> dict[str, Any]:
         "failures": score_fail,
     }
     red_fail = [] if committed_manifest else fail_list("reduce")
-    reduce = {
-        "units": 1,
-        "done": 1 if committed_manifest else 0,
-        "failed": 1 if red_fail else 0,
-        "pending": 0 if (committed_manifest or red_fail) else 1,
-        "failures": red_fail,
-    }
+    reduce = _one_unit(committed_manifest, red_fail)
     if proto_fail or score_fail or red_fail:
         state = "failed"
     elif committed_manifest:

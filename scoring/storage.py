@@ -11,6 +11,7 @@ shipped to Ray workers and each process opens its own connection pool.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import io
@@ -569,8 +570,6 @@ class RangedFile(io.RawIOBase):
 
     def _find(self, a: int, b: int) -> bytes | memoryview | None:
         """The bytes [a, b) when fetched parts hold them all (a view when one part does)."""
-        import bisect
-
         i = bisect.bisect_right(self.parts, a, key=lambda p: p[0]) - 1
         pieces, at = [], a
         while at < b:  # across contiguous parts (a merged range fetched in several requests)

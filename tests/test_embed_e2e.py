@@ -208,32 +208,22 @@ def test_worker_resources(ray_local, tmp_path):
         worker_resources(make_config(dict(base, gpus_per_worker=0.5)), 10)
 
 
+def cli_run(store: Store, tmp_path, *args: str, timeout: int = 120):
+    """`python -m ray_jobs.cli run` on `store` into tmp_path/runs, in a subprocess."""
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
+        RAY_AUTH_MODE="disabled",
+    )
+    cmd = [sys.executable, "-m", "ray_jobs.cli", "run", "--input", store.url, "--output",
+           str(tmp_path / "runs"), *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def test_cli_missing_text_column(tmp_path):
     store = Store(str(tmp_path / "in"))
     write(store, "a.parquet", pa.table({"id": [1, 2, 3], "text": ["a", "b", "c"]}))
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ray_jobs.cli",
-            "run",
-            "--input",
-            store.url,
-            "--output",
-            str(tmp_path / "runs"),
-            "--text-column",
-            "body",
-            "--model",
-            minilm_path(),
-            "--k",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = cli_run(store, tmp_path, "--text-column", "body", "--model", minilm_path(), "--k", "2")
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert (
@@ -247,33 +237,11 @@ def test_cli_missing_text_column(tmp_path):
 def test_cli_unknown_model_fails_before_any_actor(tmp_path):
     store = Store(str(tmp_path / "in"))
     write(store, "a.parquet", pa.table({"id": [1, 2, 3], "text": ["a", "b", "c"]}))
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
     for model, msg in (
         ("no-such-model-xyz", "model 'no-such-model-xyz': not a local folder nor a model"),
         ("tests.tiny_cnn:missing", "model 'tests.tiny_cnn:missing': module 'tests.tiny_cnn' has"),
     ):
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ray_jobs.cli",
-                "run",
-                "--input",
-                store.url,
-                "--output",
-                str(tmp_path / "runs"),
-                "--text-column",
-                "text",
-                "--model",
-                model,
-                "--k",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+        r = cli_run(store, tmp_path, "--text-column", "text", "--model", model, "--k", "2")
         assert r.returncode == 2, r.stderr
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("protoprune: error: ") and msg in last, last
@@ -285,20 +253,8 @@ def test_cli_model_failing_on_the_workers_is_one_line(tmp_path):
     line naming the model and the cause, exit 2, no traceback, nothing committed."""
     store = Store(str(tmp_path / "in"))
     write(store, "a.parquet", pa.table({"id": list(range(40)), "text": ["t"] * 40}))
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
-        RAY_AUTH_MODE="disabled",
-    )
-    r = subprocess.run(
-        [sys.executable, "-m", "ray_jobs.cli", "run", "--input", store.url, "--output",
-         str(tmp_path / "runs"), "--run-id", "r", "--text-column", "text", "--model",
-         "tests.tiny_cnn:broken_factory", "--k", "2", "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-    )  # fmt: skip
+    r = cli_run(store, tmp_path, "--run-id", "r", "--text-column", "text", "--model",
+                "tests.tiny_cnn:broken_factory", "--k", "2", "--quiet", timeout=180)  # fmt: skip
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines == [
