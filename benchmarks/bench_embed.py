@@ -86,7 +86,7 @@ def actor_vs_encode(n: int, shard_rows: int, threads: int) -> dict:
     from ray_jobs.workers import ShardWorker
     from scoring.config import RunConfig
     from scoring.embed import autocast_dtype
-    from scoring.shards import plan_shards
+    from scoring.inputs.parquet import plan_shards
     from scoring.storage import Store
 
     texts = make_texts(n)

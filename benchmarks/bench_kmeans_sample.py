@@ -18,8 +18,10 @@ import time
 import numpy as np
 from _common import header, loadavg
 
-from scoring.assign import FaissSearch
-from scoring.prototypes import fit_kmeans, normalize, sample_counts, sample_groups
+from scoring.kernels.assign import FaissSearch
+from scoring.kernels.devices import normalize
+from scoring.kernels.kmeans import fit_kmeans
+from scoring.kernels.sampling import sample_counts, sample_groups
 
 
 def mean_distance(x: np.ndarray, c: np.ndarray) -> float:

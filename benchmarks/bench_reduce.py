@@ -25,8 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from _common import TreeMemory, bench_dir, gib, header, init_ray, loadavg, shutdown_ray
 
-from scoring.score import SCORE_ROW_GROUP, score_key, scores_table, write_id_hashes
-from scoring.shards import Shard
+from scoring.inputs.parquet import Shard
+from scoring.layout import ROW_GROUP
+from scoring.layout import score_key
+from scoring.stages.score import scores_table, write_id_hashes
 from scoring.storage import Store
 
 
@@ -46,7 +48,7 @@ def write_shard(args) -> None:
     cl = cluster_of(rng, rows, k)
     dist = np.round(rng.gamma(4.0, 0.05, size=rows), 4).astype(np.float32)
     t = scores_table(ids, cl, dist, dist + np.float32(0.01))
-    st.write_parquet(score_key(i), t, row_group_size=SCORE_ROW_GROUP)
+    st.write_parquet(score_key(i), t, row_group_size=ROW_GROUP)
     write_id_hashes(st, i, ids)  # the reduce's duplicate-id check reads these
     st.put_bytes(f"_commits/bench-ids/{i}", b"")
 
@@ -139,7 +141,9 @@ def main() -> None:
         pool.map(write_shard, [(root, i, per, args.k) for i in range(args.shards)])
     print(f"score files: {root} ({time.perf_counter() - t0:.0f}s to prepare)", flush=True)
     from ray_jobs.driver import Run
+    from ray_jobs.reduce import reduce
     from scoring.config import RunConfig
+    from scoring.plan import RunPlan
 
     n = per * args.shards
     n_keep = int(args.keep * n)
@@ -157,12 +161,12 @@ def main() -> None:
                 quiet=True,
             )
             r = Run(cfg, quiet=True)
-            r.shards = [Shard(i, "x", (0,), per, i * per) for i in range(args.shards)]
-            r.n_rows = n
+            shards = [Shard(i, "x", (0,), per, i * per) for i in range(args.shards)]
+            r.plan_ = RunPlan(shards, [], n, None)
             r.store.delete("keep")
             t0 = time.perf_counter()
             with TreeMemory() as mem:
-                doc = r.reduce("bench")
+                doc = reduce(r, np.zeros((args.k, 1), np.float32), "bench")  # centroids: dbp only
             secs = time.perf_counter() - t0
             assert doc["rows_kept"] == n_keep
             ok, checked = reference_check(r.store, args.shards, strategy, n_keep, args.k, 7)

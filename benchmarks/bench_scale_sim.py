@@ -20,9 +20,9 @@ import time
 import numpy as np
 from _common import LocalS3, bench_dir, header, init_ray, loadavg, shutdown_ray
 
-from scoring import manifest
-from scoring.score import ShardSummary
-from scoring.shards import plan_from_row_groups
+from scoring import commit
+from scoring.inputs.parquet import plan_from_row_groups
+from scoring.stages.score import ShardSummary
 
 
 class InstantWorker:
@@ -38,7 +38,7 @@ class InstantWorker:
     def score(self, shard, cached=None, prototypes=None) -> ShardSummary:
         if prototypes is not None:  # [ObjectRef of the centroids, their sha256]
             self.sha = prototypes[1]
-        manifest.write_marker(
+        commit.write_marker(
             self.run_store,
             "scores",
             shard.index,
@@ -50,7 +50,7 @@ class InstantWorker:
 def synthetic_manifest(n_shards: int, k: int) -> dict:
     """A _MANIFEST.json shaped like the reducer's for a global rule: one keep part per shard."""
     return {
-        "format_version": manifest.FORMAT_VERSION,
+        "format_version": commit.FORMAT_VERSION,
         "strategy": "hard",
         "k": k,
         "rows_in": n_shards * 10_000,
@@ -82,6 +82,7 @@ def main() -> None:
     header(f"bench_scale_sim: {args.shards:,} shards of {args.shard_rows:,} rows")
     from ray_jobs import driver, workers
     from scoring.config import RunConfig
+    from scoring.plan import RunPlan
 
     # 1. plan from synthetic footers: one file per shard, 4 row groups each
     rg = [args.shard_rows // 4] * 4
@@ -95,18 +96,17 @@ def main() -> None:
     os.makedirs(base)
     cfg = RunConfig(input=os.path.join(base, "in"), output=base, run_id="sim", k=1000, quiet=True)
     run = driver.Run(cfg, quiet=True)
-    run.shards = shards
-    run.n_rows = sum(s.rows for s in shards)
-    run.fingerprint = [
+    fingerprint = [
         {"path": k, "size": 123_456_789, "version": "0123456789abcdef0123456789abcdef"}
         for k, _ in footers
     ]
+    run.plan_ = RunPlan(shards, fingerprint, sum(s.rows for s in shards), None)
     t0 = time.perf_counter()
-    run._write_or_check_run_json()
+    run.open_run_folder()
     t_runjson = time.perf_counter() - t0
     runjson_bytes = os.path.getsize(os.path.join(base, "sim", "run.json"))
     t0 = time.perf_counter()
-    run._write_or_check_run_json()  # resume: read and compare
+    run.open_run_folder()  # resume: read and compare
     t_runjson_check = time.perf_counter() - t0
     man_bytes = len(json.dumps(synthetic_manifest(args.shards, args.k), indent=1).encode())
     print(f"plan {args.shards:,} shards from footers: {t_plan:.2f}s", flush=True)
@@ -140,7 +140,7 @@ def main() -> None:
         cpu = time.process_time() - c0
         # 4. resume: list the markers once, schedule nothing
         t0 = time.perf_counter()
-        done = manifest.committed(run.store, "scores")
+        done = commit.committed(run.store, "scores")
         t_list = time.perf_counter() - t0
         assert len(done) == args.shards, len(done)
         t0 = time.perf_counter()
@@ -166,9 +166,9 @@ def main() -> None:
 
             st = Store(f"s3://{s3.new_bucket()}/sim")
             for i in range(args.s3_markers):
-                manifest.write_marker(st, "scores", i, {"rows": 1, "prototypes_sha256": "p"})
+                commit.write_marker(st, "scores", i, {"rows": 1, "prototypes_sha256": "p"})
             t0 = time.perf_counter()
-            got = manifest.committed(st, "scores")
+            got = commit.committed(st, "scores")
             t_s3 = time.perf_counter() - t0
             assert len(got) == args.s3_markers
             print(

@@ -4,7 +4,7 @@
     python benchmarks/bench_score.py --rows 100000 --dim 64 --k 100
 
 Generates clustered float32 embeddings as Parquet on local disk, fits k prototypes with
-scoring.prototypes.fit_kmeans, then in the same process and the same run measures
+scoring.kernels.kmeans.fit_kmeans, then in the same process and the same run measures
   (a) the baseline: pyarrow read + L2-normalise + faiss IndexFlatIP top-1 search, one process;
   (b) protoprune's score stage exactly as the driver runs it (ray_jobs.driver.Run.score:
       ShardWorker actors reading shards, searching, writing score files and markers),
@@ -27,9 +27,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scoring.commit import save_centroids  # noqa: E402
 from scoring.config import RunConfig  # noqa: E402
-from scoring.prototypes import fit_kmeans, normalize, save_centroids  # noqa: E402
-from scoring.shards import embedding_matrix  # noqa: E402
+from scoring.inputs.parquet import embedding_matrix  # noqa: E402
+from scoring.kernels.devices import normalize  # noqa: E402
+from scoring.kernels.kmeans import fit_kmeans  # noqa: E402
 
 
 def generate(data_dir: str, rows: int, dim: int, files: int, blobs: int, seed: int) -> None:
@@ -66,7 +68,8 @@ def baseline(data_dir: str, centroids: np.ndarray) -> tuple[int, float]:
 
 def protoprune_score(cfg: RunConfig, centroids: np.ndarray) -> tuple[int, float]:
     """The driver's score stage (Ray ShardWorker actors) on a fresh run folder."""
-    from ray_jobs.driver import Run, ensure_ray
+    from ray_jobs.driver import Run
+    from ray_jobs.scheduler import ensure_ray
 
     r = Run(cfg, quiet=True)
     r.plan()

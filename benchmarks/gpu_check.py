@@ -73,7 +73,7 @@ def unit_rows(n: int, d: int, gen, centers=None, noise: float = 0.5):
 def search_check(n: int, d: int, k: int, peak: float, chunk: int) -> None:
     import torch
 
-    from scoring.assign import TorchTopKSearch
+    from scoring.kernels.assign import TorchTopKSearch
 
     gen = torch.Generator(device=DEV).manual_seed(0)
     c = unit_rows(k, d, gen)
@@ -119,7 +119,7 @@ def search_check(n: int, d: int, k: int, peak: float, chunk: int) -> None:
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         row("search with faiss-gpu", "skipped", "faiss is installed without GPU support")
         return
-    from scoring.assign import FaissSearch
+    from scoring.kernels.assign import FaissSearch
 
     nf = min(n, 1_000_000)
     f = FaissSearch(c.cpu().numpy(), "cosine", use_gpu=True)
@@ -138,8 +138,8 @@ def search_check(n: int, d: int, k: int, peak: float, chunk: int) -> None:
 def kmeans_check(n: int, d: int, k: int, iters: int) -> None:
     import torch
 
-    from scoring.assign import has_faiss_gpu
-    from scoring.prototypes import fit_kmeans
+    from scoring.kernels.devices import has_faiss_gpu
+    from scoring.kernels.kmeans import fit_kmeans
 
     gen = torch.Generator(device=DEV).manual_seed(1)
     centers = unit_rows(2 * k, d, gen)
@@ -148,7 +148,7 @@ def kmeans_check(n: int, d: int, k: int, iters: int) -> None:
     if DEV == "cuda":
         _, inertia, st = fit_kmeans(x, k, iters, "cosine", 0, use_gpu=True)
     else:
-        from scoring.prototypes import fit_kmeans_torch
+        from scoring.kernels.kmeans import fit_kmeans_torch
 
         _, inertia, st = fit_kmeans_torch(x, k, iters, "cosine", 0, device="cpu")
     secs = time.perf_counter() - t0

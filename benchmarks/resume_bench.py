@@ -29,7 +29,7 @@ def main() -> None:
     import ray
 
     from ray_jobs.driver import run
-    from scoring import manifest
+    from scoring import layout
     from scoring.config import make_config
     from scoring.demo import make_demo
 
@@ -62,7 +62,7 @@ def main() -> None:
         os.unlink(f"{d}/_MANIFEST.json")
         redo = list(range(0, n, 2))
         for i in redo:
-            os.unlink(f"{d}/{manifest.marker_key('scores', i)}")
+            os.unlink(f"{d}/{layout.marker_key('scores', i)}")
         t0 = time.perf_counter()
         again = run(cfg("full"), quiet=True)
         t_resume = time.perf_counter() - t0

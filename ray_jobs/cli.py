@@ -5,8 +5,11 @@
     protoprune demo DIR                                 write a small demo dataset
     protoprune report RUN_URL                           write RUN_URL/report/index.html
 
-User errors (bad flags, bad config, bad input data) print one line `protoprune: error: ...` and
-exit with status 2 (1 when shards failed on bad data); no traceback.
+User errors (`scoring.errors.UserError`: bad flags, bad config, bad input data, storage the user
+must fix) print one line `protoprune: error: ...` and exit with status 2 (1 when shards failed
+on bad data); no traceback. Anything else is a bug: its traceback goes to the log, the last line
+says so, and the status is 1; the run folder is left resumable. The commands are a thin layer
+over `ray_jobs.prune` (the Python entry point).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 from typing import Any
 
 from scoring.config import FIELDS, load_yaml, make_config
+from scoring.errors import BadConfig, UserError, first_line
 
 # flag -> (config key, type, help). Flag names are a contract: outside tools depend on them.
 RUN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -65,10 +69,6 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--address", "address", str, "Ray address; none = embedded local Ray; 'auto' joins"),
     ("--max-retries", "max_retries", int, "retries of a shard whose worker died (default: 3)"),
 ]
-
-
-class UserError(Exception):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,18 +168,14 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ray_jobs.driver import RunFailed, run
+    from ray_jobs import prune
 
     cfg = make_config(settings_from_args(args), source=args.config or "config")
     if cfg.log_format == "json":
         from ray_jobs.progress import use_json_logs
 
         use_json_logs()
-    try:
-        doc = run(cfg, quiet=cfg.quiet)
-    except RunFailed as e:
-        sys.stderr.write(f"protoprune: error: {e}\n")
-        return 1
+    doc = prune.run(cfg)
     out = {
         "run": f"{cfg.output.rstrip('/')}/{cfg.run_id}",
         "rows_in": doc["rows_in"],
@@ -213,7 +209,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from scoring.storage import Store
 
     if args.max_rows is not None and args.max_rows < 1:
-        raise ValueError(f"--max-rows must be at least 1 (got {args.max_rows})")
+        raise BadConfig(f"--max-rows must be at least 1 (got {args.max_rows})")
     store = Store(args.run)
     max_rows = args.max_rows or MAX_ROWS
     if args.out:
@@ -241,7 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def format_status(st: dict[str, Any]) -> str:
-    """The plain-text view of scoring.manifest.run_status()."""
+    """The plain-text view of scoring.status.run_status()."""
     lines = [
         f"run       {st['run']}",
         f"state     {st['state']}" + ("  (_MANIFEST.json committed)" if st["committed"] else ""),
@@ -264,10 +260,9 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from scoring.manifest import run_status
-    from scoring.storage import Store
+    from ray_jobs import prune
 
-    st = run_status(Store(args.run))
+    st = prune.status(args.run)
     print(json.dumps(st, indent=1, default=str) if args.json else format_status(st))
     return 0
 
@@ -286,15 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+    except UserError as e:
         if os.environ.get("PROTOPRUNE_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.stderr.write(f"protoprune: error: {msg}\n")
-        return 2
+        sys.stderr.write(f"protoprune: error: {first_line(e, 2000)}\n")
+        return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("protoprune: interrupted; rerun with the same --run-id to resume\n")
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug: say so, with the traceback in the log
+        if os.environ.get("PROTOPRUNE_DEBUG"):
+            raise
+        logging.getLogger("protoprune").error("internal error", exc_info=True)
+        sys.stderr.write(
+            f"protoprune: internal error (a bug in protoprune, please report it with the log "
+            f"above): {type(e).__name__}: {first_line(e)}; the run folder is left as it was, "
+            "rerun with the same --run-id to resume\n"
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Ray actors and tasks: thin wrappers that call the stage functions of `scoring`."""
+"""Ray actors and task bodies: thin wrappers that call the stage functions of `scoring`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from scoring import score as stage
 from scoring.config import RunConfig
-from scoring.shards import Shard
+from scoring.errors import first_line
+from scoring.inputs.parquet import Shard
+from scoring.stages import sample as sample_stage
+from scoring.stages.fit import FitResult, fit_prototypes
+from scoring.stages.score import ShardSummary, score_shard
 from scoring.storage import Store
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,8 @@ class ShardWorker:
         prototypes_sha: str,
         use_gpu: bool = False,
     ):
-        from scoring.embed import ShardEmbedder, device_for
+        from scoring.embed import ShardEmbedder
+        from scoring.kernels.devices import device_for
 
         self.cfg, self.in_store, self.run_store = cfg, in_store, run_store
         self.prototypes_sha = prototypes_sha
@@ -55,9 +59,9 @@ class ShardWorker:
             self.source = ShardEmbedder(cfg, in_store, device_for(use_gpu), threads=threads)
         except Exception as e:  # noqa: BLE001 - reported by every call (_started)
             self.source = None
-            msg = (str(e).strip().splitlines() or [""])[0][:300]
             self.start_error = (
-                f"model '{cfg.model}' failed to load on a worker ({type(e).__name__}: {msg})"
+                f"model '{cfg.model}' failed to load on a worker ({type(e).__name__}: "
+                f"{first_line(e)})"
             )
         self.use_gpu = use_gpu
         self.searcher = None
@@ -65,7 +69,7 @@ class ShardWorker:
             self._load_prototypes(centroids, prototypes_sha)
 
     def _load_prototypes(self, centroids: np.ndarray | list, sha: str) -> None:
-        from scoring.assign import NearestPrototype
+        from scoring.kernels.assign import NearestPrototype
 
         if isinstance(centroids, list):  # [ObjectRef]: nested, so a restart can re-fetch it
             centroids = ray.get(centroids[0])
@@ -78,13 +82,13 @@ class ShardWorker:
 
     def _started(self) -> None:
         if self.start_error is not None:
-            from scoring.embed import ModelLoadError
+            from scoring.errors import ModelLoadError
 
             raise ModelLoadError(self.start_error)
 
     def score(
         self, shard: Shard, cached: list | None = None, prototypes: list | None = None
-    ) -> stage.ShardSummary:
+    ) -> ShardSummary:
         """Score a shard. `cached` = [ObjectRef of the shard's embeddings, all rows in order]
         (kept from the prototype sample when it covered the whole shard): nothing is
         embedded again. `prototypes` = [ObjectRef of the centroids, their sha256]: loaded
@@ -115,7 +119,7 @@ class ShardWorker:
                 def source(s: Shard):
                     return self.source.embed(s, table=table)
 
-            return stage.score_shard(
+            return score_shard(
                 self.cfg,
                 self.in_store,
                 self.run_store,
@@ -125,68 +129,32 @@ class ShardWorker:
                 source=source,
             )
 
-    def fit(self, samples: list[Any], shards: list[tuple[int, str]] | None = None) -> dict:
+    def fit(self, samples: list[Any], names: list[tuple[int, str]]) -> FitResult:
         """Fit and commit the prototypes here (the pool's actors hold the cluster's
         resources while the sample stage runs; a separate fit task would wait for them)."""
         with self.lock:
-            return fit_task(self.cfg, self.run_store, samples, self.use_gpu, shards)
+            return fit_task(self.cfg, self.run_store, samples, names, self.use_gpu)
 
     def sample(self, shard: Shard, count: int) -> np.ndarray:
         """The shard's prototype-sample rows, embedded (only those rows, read from the few
         row groups the sample rule picks)."""
         self._started()
-        part = stage.read_sample(self.cfg, self.in_store, shard, count, self.source)  # IO: unlocked
-        with self.lock:
-            return stage.embed_sample(self.cfg, part, source=self.source)
-
-
-def sample_task(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> np.ndarray:
-    return stage.sample_shard(cfg, in_store, shard, count)
-
-
-def sample_digest_task(cfg: RunConfig, in_store: Store, shard: Shard, count: int) -> str:
-    from scoring.prototypes import sample_digest
-
-    return sample_digest(stage.sample_shard(cfg, in_store, shard, count))
+        part = sample_stage.read_sample(self.cfg, self.in_store, shard, count, self.source)
+        with self.lock:  # IO above, unlocked
+            return sample_stage.embed_sample(self.cfg, part, source=self.source)
 
 
 def fit_task(
     cfg: RunConfig,
     run_store: Store,
     samples: list[Any],
+    names: list[tuple[int, str]],
     use_gpu: bool,
-    shards: list[tuple[int, str]] | None = None,
-) -> dict:
-    """Concatenate the sample (fetched here, not on the driver), fit, save, commit.
-
-    `shards` (index, input URL) of each sample part: widths are checked across parts (naming
-    both files) and each part's digest is recorded in the commit marker for resume checks.
-    """
-    from scoring.prototypes import fit_kmeans, sample_digest, save_centroids
-
+) -> FitResult:
+    """The fit stage over sample parts held in the object store (fetched here, one at a time,
+    never on the driver), on every core of the node."""
     use_all_cores()
-    shards = shards or [(i, f"shard {i}") for i in range(len(samples))]
-    digests: dict[str, str] = {}
-    widths: dict[int, str] = {}
-    for (i, f), ref in zip(shards, samples):  # one part at a time: bounded memory
-        p = ray.get(ref)
-        if len(p):
-            digests[str(i)] = sample_digest(p)
-            widths.setdefault(p.shape[1], f"{f} (shard {i})")
-        del p
-    if len(widths) > 1:
-        (w1, f1), (w2, f2) = list(widths.items())[:2]
-        raise ValueError(
-            f"column '{cfg.embedding_column}' has mixed embedding widths across files: "
-            f"{w1} in {f1}, {w2} in {f2}"
-        )
-    x = gather_sample(samples)
-    centroids, _, stats = fit_kmeans(
-        x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu
-    )
-    stats = dict(stats, sample_sha256=digests)
-    sha = save_centroids(run_store, centroids, stats)
-    return dict(stats, sha256=sha)
+    return fit_prototypes(cfg, run_store, lambda j: ray.get(samples[j]), names, use_gpu)
 
 
 def use_all_cores() -> None:
@@ -205,36 +173,3 @@ def use_all_cores() -> None:
         torch.set_num_threads(max(1, n or 1))
     except ImportError:
         pass
-
-
-def gather_sample(samples: list[Any]) -> np.ndarray:
-    """Copy the sample parts into one preallocated array, one part at a time, so the task
-    holds the sample once (plus one part), not the parts and their concatenation."""
-    n = d = 0
-    shapes = []
-    for ref in samples:
-        p = ray.get(ref)
-        shapes.append(p.shape)
-        if len(p):
-            n += p.shape[0]
-            d = p.shape[1]
-        del p
-    x = np.empty((n, d), np.float32)
-    o = 0
-    for ref, shape in zip(samples, shapes):
-        if shape[0]:
-            x[o : o + shape[0]] = ray.get(ref)
-            o += shape[0]
-    return x
-
-
-def call(fn_name: str, *args: Any) -> Any:
-    """Run a reduce-stage function of scoring.score by name (one remote for all of them)."""
-    return getattr(stage, fn_name)(*args)
-
-
-def call_fn(module: str, fn_name: str, *args: Any) -> Any:
-    """Run a reduce-stage function of any scoring module by name."""
-    import importlib
-
-    return getattr(importlib.import_module(module), fn_name)(*args)

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-STRATEGIES = ("hard", "easy", "random", "balanced", "dbp")
+from scoring.errors import BadConfig
+
 LOG_FORMATS = ("text", "json")
 METRICS = ("cosine", "l2")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -120,25 +121,25 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def _bad(key: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"config key '{key}': {why} (got {value!r})")
+def _bad(key: str, value: Any, why: str) -> BadConfig:
+    return BadConfig(f"config key '{key}': {why} (got {value!r})")
 
 
 def validate(cfg: RunConfig) -> None:
-    """Raise ValueError/TypeError naming the key and value of the first bad setting."""
+    """Raise BadConfig (a ValueError and TypeError) naming the key and value of the first bad setting."""
     ints = ("k", "kmeans_iters", "seed", "shard_rows", "max_retries")
     for name in ints:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"config key '{name}': expected an integer (got {v!r})")
+            raise BadConfig(f"config key '{name}': expected an integer (got {v!r})")
     for name in ("sample_size", "keep_count", "workers"):
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise TypeError(f"config key '{name}': expected an integer (got {v!r})")
+            raise BadConfig(f"config key '{name}': expected an integer (got {v!r})")
     for name in ("run_id", "text_column", "image_column", "model", "label_column", "address"):
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, str):  # e.g. YAML `run_id: 2026` is an int
-            raise TypeError(f"config key '{name}': expected a string (got {v!r})")
+            raise BadConfig(f"config key '{name}': expected a string (got {v!r})")
     for name in ("input", "output"):
         v = getattr(cfg, name)
         if not isinstance(v, str) or not v:
@@ -157,8 +158,10 @@ def validate(cfg: RunConfig) -> None:
         raise _bad("sample_size", cfg.sample_size, f"must be at least k = {cfg.k}")
     if cfg.metric not in METRICS:
         raise _bad("metric", cfg.metric, f"must be one of {', '.join(METRICS)}")
-    if cfg.strategy not in STRATEGIES:
-        raise _bad("strategy", cfg.strategy, f"must be one of {', '.join(STRATEGIES)}")
+    from scoring import strategies  # the registry (a plug-in rule may register later)
+
+    if cfg.strategy not in strategies.REGISTRY:
+        raise _bad("strategy", cfg.strategy, f"must be one of {', '.join(strategies.REGISTRY)}")
     if cfg.keep_fraction is not None and cfg.keep_count is not None:
         raise _bad("keep_count", cfg.keep_count, "give keep_fraction or keep_count, not both")
     if cfg.keep_fraction is not None:
@@ -192,7 +195,7 @@ def validate(cfg: RunConfig) -> None:
         raise _bad("embed_batch_size", cfg.embed_batch_size, "must be an integer >= 1")
     for name in ("save_embeddings", "force_new", "quiet"):
         if not isinstance(getattr(cfg, name), bool):
-            raise TypeError(
+            raise BadConfig(
                 f"config key '{name}': expected true or false (got {getattr(cfg, name)!r})"
             )
     if cfg.workers is not None and cfg.workers < 1:
@@ -208,7 +211,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.run_id and ".." in cfg.run_id:
         raise _bad("run_id", cfg.run_id, "must not contain '..'")
     if not isinstance(cfg.storage_options, Mapping):
-        raise TypeError(
+        raise BadConfig(
             f"config key 'storage_options': expected a mapping (got {type(cfg.storage_options).__name__})"
         )
 
@@ -224,24 +227,24 @@ def load_yaml(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ValueError(f"config file {path}: not found") from None
+        raise BadConfig(f"config file {path}: not found") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ValueError(
+        raise BadConfig(
             f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', e)})"
         ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(
+        raise BadConfig(
             f"config file {path}: expected a mapping of keys, got {type(data).__name__}"
         )
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
-            raise ValueError(f"config file {path}: unknown key '{key}'")
+            raise BadConfig(f"config file {path}: unknown key '{key}'")
         out[name] = value
     return out
 
@@ -251,17 +254,17 @@ def make_config(settings: Mapping[str, Any], source: str = "config") -> RunConfi
     settings = dict(settings)
     for required in ("input", "output"):
         if not settings.get(required):
-            raise ValueError(f"{source}: '{required}' is required (--{required} or the YAML key)")
+            raise BadConfig(f"{source}: '{required}' is required (--{required} or the YAML key)")
     if not settings.get("run_id"):
         settings["run_id"] = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     if settings.get("storage_options") is None:
         settings["storage_options"] = {}
     unknown = set(settings) - set(FIELDS)
     if unknown:
-        raise ValueError(f"{source}: unknown key '{sorted(unknown)[0]}'")
+        raise BadConfig(f"{source}: unknown key '{sorted(unknown)[0]}'")
     try:
         return RunConfig(**settings)
-    except (ValueError, TypeError) as e:
+    except BadConfig as e:
         if source != "config":
-            raise type(e)(f"{source}: {e}") from None
+            raise BadConfig(f"{source}: {e}") from None
         raise

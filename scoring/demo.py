@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from scoring.errors import BadConfig
 from scoring.storage import Store
 
 
@@ -24,7 +25,7 @@ def make_demo(
     distance varies between and inside clusters; ~1% are exact near-duplicates of another row.
     """
     if rows < 1 or files < 1 or dim < 2 or clusters < 1:
-        raise ValueError(
+        raise BadConfig(
             f"demo: rows, files, dim and clusters must be positive (rows={rows}, "
             f"files={files}, dim={dim}, clusters={clusters})"
         )

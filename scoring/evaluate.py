@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scoring import manifest
-from scoring.prototypes import normalize
-from scoring.score import embeddings_key
-from scoring.select import random_key
-from scoring.shards import Shard, embedding_matrix, plan_shards, read_shard_columns
+from scoring import commit, layout
+from scoring.errors import BadConfig, BadInput
+from scoring.inputs.parquet import Shard, embedding_matrix, plan_shards, read_shard_columns
+from scoring.kernels.devices import normalize
+from scoring.kernels.radix import random_key
 from scoring.storage import Store
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def _read_pool(
     cfg = run_json["config"]
     in_store = Store(run_json["input"]["url"], storage_options)
     shards = [Shard.from_json(s) for s in run_json["shards"]]
-    saved = all(run.exists(embeddings_key(s.index)) for s in shards)
+    saved = all(run.exists(layout.embeddings_key(s.index)) for s in shards)
     ids_all, x_all, y_all = [], [], []
     for s in shards:
         where = f"{in_store.uri(s.file)} (shard {s.index})"
@@ -51,12 +51,12 @@ def _read_pool(
         ids = t[cfg["id_column"]].combine_chunks()
         y = t[label_column].combine_chunks()
         if y.null_count:
-            raise ValueError(f"{where}: column '{label_column}' has {y.null_count} null label(s)")
+            raise BadInput(f"{where}: column '{label_column}' has {y.null_count} null label(s)")
         if saved:
-            e = run.read_parquet(embeddings_key(s.index))
+            e = run.read_parquet(layout.embeddings_key(s.index))
             pos = pc.index_in(e["id"], value_set=ids)
             if pos.null_count:
-                raise ValueError(f"{run.uri(embeddings_key(s.index))}: ids not in the input")
+                raise BadInput(f"{run.uri(layout.embeddings_key(s.index))}: ids not in the input")
             y = y.take(pos)
             ids = e["id"].combine_chunks()
             col = e["embedding"].combine_chunks()
@@ -89,11 +89,11 @@ def probe_accuracy(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.nd
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError:
-        raise ValueError("evaluate needs scikit-learn: pip install 'protoprune[eval]'") from None
+        raise BadConfig("evaluate needs scikit-learn: pip install 'protoprune[eval]'") from None
 
     labels = {str(v) for v in ytr}
     if len(labels) < 2:
-        raise ValueError(f"the training set holds {len(labels)} label value(s); need at least 2")
+        raise BadInput(f"the training set holds {len(labels)} label value(s); need at least 2")
     clf = LogisticRegression(max_iter=2000)
     clf.fit(xtr, np.asarray([str(v) for v in ytr]))
     return float((clf.predict(xte) == np.asarray([str(v) for v in yte])).mean())
@@ -109,14 +109,14 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Accuracy of the keep list and of `seeds` random subsets of its size, side by side."""
     if not 0 < test_fraction < 1:
-        raise ValueError(f"--test-fraction must be in (0, 1) (got {test_fraction})")
+        raise BadConfig(f"--test-fraction must be in (0, 1) (got {test_fraction})")
     if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1 (got {seeds})")
+        raise BadConfig(f"--seeds must be at least 1 (got {seeds})")
     run = Store(run_url, storage_options)
-    if not run.exists(manifest.MANIFEST):
-        raise ValueError(f"run {run.uri()}: no {manifest.MANIFEST} (the run is not finished)")
-    doc = manifest.read_json(run, manifest.MANIFEST)
-    run_json = manifest.read_json(run, manifest.RUN_JSON)
+    if not run.exists(layout.MANIFEST):
+        raise BadInput(f"run {run.uri()}: no {layout.MANIFEST} (the run is not finished)")
+    doc = commit.read_json(run, layout.MANIFEST)
+    run_json = commit.read_json(run, layout.RUN_JSON)
     ids, x, y = _read_pool(run, run_json, label_column, storage_options)
     kept_ids = pa.concat_arrays(
         [run.read_parquet(f["path"], ["id"])["id"].combine_chunks() for f in doc["files"]]
@@ -133,12 +133,12 @@ def evaluate_run(
         train = ~test
         split = f"hash split, test fraction {test_fraction}"
     if len(yte) == 0:
-        raise ValueError(f"run {run.uri()}: the held-out set is empty")
+        raise BadInput(f"run {run.uri()}: the held-out set is empty")
     keep_idx = np.flatnonzero(train & is_kept)
     pool_idx = np.flatnonzero(train)
     size = len(keep_idx)
     if size == 0:
-        raise ValueError(f"run {run.uri()}: no kept row is in the training pool")
+        raise BadInput(f"run {run.uri()}: no kept row is in the training pool")
     acc_keep = probe_accuracy(x[keep_idx], y[keep_idx], xte, yte)
     rand = []
     for s in range(seeds):

@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from scoring.errors import BadInput, NotFound, StoreError, first_line
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -48,10 +50,6 @@ _PERMANENT_ERRNOS = {
 RANGE_GAP_BYTES = 1 << 20
 RANGE_PART_BYTES = 256 << 20
 FOOTER_READ_BYTES = 64 << 10  # pyarrow's own first footer read
-
-
-class StoreError(OSError):
-    """A permanent storage error with a message that names the URL."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -270,9 +268,9 @@ class Store:
         try:
             return retry_io(fn, f"{verb} {self.uri(key)}")
         except FileNotFoundError:
-            raise FileNotFoundError(f"{self.uri(key)}: not found") from None
+            raise NotFound(f"{self.uri(key)}: not found") from None
         except PermissionError as e:
-            raise StoreError(f"{self.uri(key)}: access denied ({_first_line(e)})") from None
+            raise StoreError(f"{self.uri(key)}: access denied ({first_line(e)})") from None
 
     def exists(self, key: str) -> bool:
         return self._wrap(lambda: self.fs.exists(self.path(key)), key, "exists")
@@ -438,7 +436,7 @@ class Store:
         except StoreError:
             raise
         except OSError as e:
-            raise StoreError(f"output {self.uri()}: not writable ({_first_line(e)})") from None
+            raise StoreError(f"output {self.uri()}: not writable ({first_line(e)})") from None
 
     # -- parquet helpers --------------------------------------------------------------------
     def write_parquet(self, key: str, table, **kwargs: Any) -> tuple[int, str]:
@@ -460,12 +458,12 @@ class Store:
             # reads than through a Python file object (benchmarks/README.md).
             path = self.path(key)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{self.uri(key)}: not found")
+                raise NotFound(f"{self.uri(key)}: not found")
             try:
                 return pq.ParquetFile(path, memory_map=True)
             except Exception as e:  # noqa: BLE001 - arrow raises ArrowInvalid/OSError
-                raise ValueError(
-                    f"{self.uri(key)}: not a valid Parquet file ({_first_line(e)})"
+                raise BadInput(
+                    f"{self.uri(key)}: not a valid Parquet file ({first_line(e)})"
                 ) from None
         # Object stores: one HEAD and one GET of the tail for the footer; row groups are then
         # fetched as a few large concurrent ranges (RangedFile.prefetch, shards.read_shard).
@@ -478,20 +476,13 @@ class Store:
             f.close()
             if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and is_transient(e):
                 raise
-            raise ValueError(
-                f"{self.uri(key)}: not a valid Parquet file ({_first_line(e)})"
-            ) from None
+            raise BadInput(f"{self.uri(key)}: not a valid Parquet file ({first_line(e)})") from None
 
     def read_parquet(self, key: str, columns: Iterable[str] | None = None):
         import pyarrow.parquet as pq
 
         data = self.get_bytes(key)
         return pq.read_table(io.BytesIO(data), columns=list(columns) if columns else None)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__
 
 
 def _write_temp(path: str, data: bytes) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scoring.assign import NearestPrototype
-from scoring.prototypes import normalize
+from scoring.kernels.assign import NearestPrototype
+from scoring.kernels.devices import normalize
 
 
 def brute(x: np.ndarray, c: np.ndarray, metric: str):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scoring.assign import NearestPrototype, brute_force_nearest, error_bound
-from scoring.prototypes import normalize
+from scoring.kernels.assign import NearestPrototype, brute_force_nearest, error_bound
+from scoring.kernels.devices import normalize
 
 TIE = 2e-6  # rows whose two best float64 distances are this close are true fp32 ties
 

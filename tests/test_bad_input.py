@@ -307,7 +307,8 @@ def test_mixed_variable_widths(tmp_path, capsys, ray_mod):
 def test_duplicate_check_by_hash_range_is_exact(tmp_path, kind):
     """No Ray: ids split over shards, checked range by range (many ranges, uint64 hashes above
     2**63 included): exactly the planted duplicates are found, each with all its places."""
-    from scoring.score import duplicate_ids, hash_ranges, write_id_hashes
+    from scoring.stages.score import write_id_hashes
+    from scoring.stages.stats import DuplicateIdsTask, duplicate_ids, hash_ranges
 
     store = Store(str(tmp_path))
     rng = np.random.default_rng(0)
@@ -324,7 +325,7 @@ def test_duplicate_check_by_hash_range_is_exact(tmp_path, kind):
     assert len(ranges) == 13 and ranges[-1][1] == 2**64
     found = {}
     for lo, hi in ranges:
-        got = duplicate_ids(store, [0, 1, 2], lo, hi)
-        assert got["count"] == len(got["examples"])
-        found.update({d["id"]: d["where"] for d in got["examples"]})
+        got = duplicate_ids(DuplicateIdsTask(store, [0, 1, 2], lo, hi))
+        assert got.count == len(got.examples)
+        found.update({d["id"]: d["where"] for d in got.examples})
     assert found == {conv(k): v for k, v in planted.items()}

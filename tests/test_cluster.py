@@ -30,8 +30,8 @@ import yaml
 from conftest import free_port
 from helpers import clustered, read_all, reference_keep, write_dataset
 
-from ray_jobs.driver import IN_FLIGHT_PER_WORKER
-from scoring import manifest
+from ray_jobs.scheduler import IN_FLIGHT_PER_WORKER
+from scoring import commit, layout
 from scoring.config import load_yaml, make_config
 from scoring.storage import Store
 
@@ -322,7 +322,7 @@ def submit(head: Head, submission_id: str, runtime_env: dict, entry: list[str], 
 def check_run(out: Store, run_id: str, n_rows: int, strategy: str, frac: float) -> set:
     """The committed manifest and keep list: exact against a brute-force reference."""
     store = out.child(run_id)
-    doc = manifest.read_json(store, manifest.MANIFEST)
+    doc = commit.read_json(store, layout.MANIFEST)
     n_keep = int(frac * n_rows)
     assert doc["rows_in"] == n_rows and doc["rows_kept"] == n_keep == doc["n_keep"]
     assert doc["strategy"] == strategy
@@ -429,7 +429,7 @@ class TestRayJobSubmit:
         store = out.child(run_id)
         markers = sorted(store.list("_commits/scores/"))
         assert len(markers) >= 3
-        for key in markers[::2] + store.list("keep/") + [manifest.MANIFEST]:
+        for key in markers[::2] + store.list("keep/") + [layout.MANIFEST]:
             store.delete(key)
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in JOB.items()]
         entry = ["protoprune", "run", f"--input={inp}", f"--output={outp}", f"--run-id={run_id}"]
@@ -490,8 +490,8 @@ def check_distances(store: Store, x: np.ndarray) -> None:
     """The scores match an independent float64 nearest-prototype search of the input."""
     import io
 
-    from scoring.assign import brute_force_nearest
-    from scoring.prototypes import normalize
+    from scoring.kernels.assign import brute_force_nearest
+    from scoring.kernels.devices import normalize
 
     c = np.load(io.BytesIO(store.get_bytes("prototypes/centroids.npy")))
     scores = read_all(store, "scores/")
@@ -586,7 +586,7 @@ def test_two_nodes_shards_on_both_and_node_removed_mid_run(tmp_path, monkeypatch
         head_id = cluster.head_node.node_id
         assert nodes == {head_id, node_b.node_id}, (nodes, result)
         store = Store(cfg.output).child(cfg.run_id)
-        n_shards = len(manifest.read_json(store, manifest.RUN_JSON)["shards"])
+        n_shards = len(commit.read_json(store, layout.RUN_JSON)["shards"])
         committed = len(store.list("_commits/scores/"))
         assert committed == 2 * per_node < n_shards  # mid-run: the rest still to do
         cluster.remove_node(node_b)

@@ -10,9 +10,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from scoring.commit import load_committed
 from scoring.config import make_config
-from scoring.dbp import closest_quotas, dbp_quotas, inter_distance
-from scoring.prototypes import load_committed
+from scoring.kernels.dbp import closest_quotas, dbp_quotas, inter_distance
 from scoring.storage import Store
 from tests.helpers import clustered, read_all, write_dataset
 from tests.ref6 import all_scores, dbp_reference, dedup_survivors, per_cluster_pick

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scoring.config import make_config
-from scoring.dedup import duplicate_flags
+from scoring.kernels.dedup import duplicate_flags
 from scoring.storage import Store
 from tests.helpers import clustered, read_all, reference_keep, write_dataset
 from tests.ref6 import all_scores, dedup_survivors
@@ -143,8 +143,9 @@ def test_range_pass_with_tiny_blocks(ray_local, pool):
     """The range pass itself (clusters gathered from every shard), with blocks of 7 rows so
     every cluster spans many blocks, against the brute-force reference."""
     from ray_jobs.driver import run
-    from scoring.annotate import annotate_range, annotated_key
-    from scoring.percentile import PercentileBins, level1_histogram
+    from scoring.kernels.percentile import PercentileBins, level1_histogram
+    from scoring.layout import annotated_key
+    from scoring.stages.annotate import RangeTask, annotate_range
 
     tmp, x, ids = pool
     cfg = make_config(
@@ -167,23 +168,26 @@ def test_range_pass_with_tiny_blocks(ray_local, pool):
     sc = all_scores(runs)
     sid, cl, dist = sc["id"].to_pylist(), sc["cluster"].to_numpy(), sc["distance"].to_numpy()
     bins = PercentileBins(level1_histogram(dist))
-    res = annotate_range(runs, shards, 99, 0, 6, 6, bins, 0.002, None, 7)
+    res = annotate_range(RangeTask(runs, shards, 99, 0, 6, 6, bins, 0.002, block=7))
     pos = {v: i for i, v in enumerate(ids)}
     surv = dedup_survivors(sid, cl, dist, x[[pos[v] for v in sid]], 0.002)
     t = runs.read_parquet(annotated_key(99))
     flagged = {i for i, d in zip(t["id"].to_pylist(), t["duplicate"].to_pylist()) if d}
     assert flagged == set(sid) - surv and t.num_rows == len(ids)
-    assert int(res["removed"].sum()) == doc["dedup"]["removed"] == len(ids) - len(surv)
+    assert int(res.removed.sum()) == doc["dedup"]["removed"] == len(ids) - len(surv)
     assert max(np.bincount(cl)) > 7 * 20  # clusters far larger than one block
 
     # a cluster "larger than memory": streamed through spilled chunks of 37 rows
     for j in range(6):
         res = annotate_range(
-            runs, shards, 200 + j, j, j + 1, 6, bins, 0.002, None, 5, 16, 2 * 16 * 37
+            RangeTask(
+                runs, shards, 200 + j, j, j + 1, 6, bins, 0.002,
+                block=5, stream_dim=16, memory=2 * 16 * 37,
+            )  # fmt: skip
         )
         t = runs.read_parquet(annotated_key(200 + j))
         assert t.num_rows == int((cl == j).sum()) > 2 * 37
         flagged = {i for i, d in zip(t["id"].to_pylist(), t["duplicate"].to_pylist()) if d}
         assert flagged == {i for i, c in zip(sid, cl) if c == j} - surv
-        assert int(res["removed"][j]) == len(flagged)
+        assert int(res.removed[j]) == len(flagged)
     assert not runs.list("_tmp")  # the spill is deleted

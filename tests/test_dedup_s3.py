@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from scoring.commit import load_committed
 from scoring.config import make_config
-from scoring.prototypes import load_committed
 from scoring.storage import Store
 from tests.helpers import clustered, emb_array, read_all
 from tests.ref6 import all_scores, dbp_reference, dedup_survivors, per_cluster_pick

@@ -9,7 +9,8 @@ import re
 
 import yaml
 
-from scoring.config import STRATEGIES, RunConfig
+from scoring.config import RunConfig
+from scoring.strategies import names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +81,7 @@ def test_config_reference_flags_match_the_cli():
 
 def test_a_section_per_strategy():
     text = readme()
-    for s in STRATEGIES:
+    for s in names():
         assert re.search(rf"^#### `{s}`$", text, re.M), f"no README section for strategy {s}"
     assert "Sorscher et al. 2022" in text
     assert "keep\nhard examples when data is abundant" in text or (

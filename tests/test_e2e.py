@@ -171,10 +171,10 @@ def test_global_rule_with_many_select_passes(ray_local, tmp_path, monkeypatch, s
     histogram comes from the range pass (no read), the others from the annotated parts."""
     import functools
 
-    import ray_jobs.driver as driver
+    import ray_jobs.reduce as reduce_mod
 
     monkeypatch.setattr(
-        driver, "ThresholdSearch", functools.partial(driver.ThresholdSearch, gather_cap=3)
+        reduce_mod, "ThresholdSearch", functools.partial(reduce_mod.ThresholdSearch, gather_cap=3)
     )
     ids, x = dataset(id_kind, seed=11)
     inp = str(tmp_path / "dataset")

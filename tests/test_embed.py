@@ -12,8 +12,8 @@ import torch
 
 from scoring.config import RunConfig
 from scoring.embed import ShardEmbedder, autocast_dtype, check_model_spec, load_embedder
-from scoring.score import sample_shard
-from scoring.shards import plan_shards
+from scoring.inputs.parquet import plan_shards
+from scoring.stages.sample import sample_shard
 from scoring.storage import Store
 from tests import tiny_cnn
 

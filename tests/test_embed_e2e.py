@@ -17,7 +17,7 @@ import torch
 
 from scoring.config import make_config
 from scoring.embed import autocast_dtype
-from scoring.prototypes import sample_counts
+from scoring.kernels.sampling import sample_counts
 from scoring.storage import Store
 from tests import tiny_cnn
 from tests.helpers import read_all
@@ -172,7 +172,7 @@ def test_undecodable_image_fails_the_run_naming_file_and_id(ray_local, tmp_path)
     store = Store(str(tmp_path / "in"))
     write(store, "a.parquet", pa.table({"id": list(range(20)), "img": blobs}), rg=10)
     from ray_jobs.driver import RunFailed
-    from scoring import manifest
+    from scoring import commit, layout
 
     with pytest.raises(
         RunFailed,
@@ -191,11 +191,11 @@ def test_undecodable_image_fails_the_run_naming_file_and_id(ray_local, tmp_path)
     runs = Store(str(tmp_path / "runs" / "bad"))
     assert not runs.exists("_MANIFEST.json")
     # recorded like a bad shard of precomputed embeddings, for `protoprune status`
-    assert list(manifest.failures(runs, "prototypes")) == [manifest.shard_name(1)]
+    assert list(commit.failures(runs, "prototypes")) == [layout.shard_name(1)]
 
 
 def test_worker_resources(ray_local, tmp_path):
-    from ray_jobs.driver import worker_resources
+    from ray_jobs.scheduler import worker_resources
 
     base = dict(input=str(tmp_path), output=str(tmp_path / "o"), run_id="r")
     cfg = make_config(base)

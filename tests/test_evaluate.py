@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from scoring.config import make_config
-from scoring.prototypes import normalize
+from scoring.kernels.devices import normalize
 from scoring.storage import Store
 from tests.helpers import emb_array, read_all, ref_hash
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scoring.config import make_config
-from scoring.percentile import PercentileBins, level1_histogram, refine_histogram
+from scoring.kernels.percentile import PercentileBins, level1_histogram, refine_histogram
 from scoring.storage import Store
 from tests.helpers import clustered, read_all, reference_keep, write_dataset
 from tests.ref6 import all_scores, exact_ranks

@@ -5,13 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scoring.prototypes import (
-    fit_kmeans,
-    load_committed,
-    normalize,
-    sample_counts,
-    save_centroids,
-)
+from scoring.commit import load_committed, save_centroids
+from scoring.kernels.devices import normalize
+from scoring.kernels.kmeans import fit_kmeans
+from scoring.kernels.sampling import sample_counts
 from scoring.storage import Store
 from tests.helpers import clustered
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import scoring.storage as storage
-from scoring.shards import Shard, column_chunk_spans, read_shard
+from scoring.inputs.parquet import Shard, column_chunk_spans, read_shard
 from scoring.storage import RangedFile, Store, merge_ranges
 
 

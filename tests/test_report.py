@@ -1,5 +1,6 @@
-"""The HTML report: its numbers against brute force over the run folder, unfinished runs, dedup and
-label sections, S3, the CLI, and a render in headless Chromium."""
+"""The HTML report: its numbers against brute force over the run folder, unfinished runs, the dedup
+and label sections of a real dedup run, manifest values as tables (never raw dumps), rules the
+reading process does not know, S3, the CLI, and a render in headless Chromium."""
 
 from __future__ import annotations
 
@@ -14,20 +15,22 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from scoring import manifest, report
+from scoring import commit, layout, report, strategies
 from scoring.config import make_config
 from scoring.storage import Store
 from tests.helpers import clustered, emb_array, read_all
 
 N, D, C = 3000, 16, 6
+N_PLANTED, EPS = 40, 0.05
 
 
-def write_text_dataset(root: str, n: int = N) -> pa.Table:
+def write_text_dataset(root: str, n: int = N, x: np.ndarray | None = None) -> pa.Table:
     """id, embedding, text, label in 3 files with several row groups; returns the whole table."""
-    x = clustered(n, D, C, seed=3)
+    x = clustered(n, D, C, seed=3) if x is None else x
     rng = np.random.default_rng(4)
     ids = np.arange(100, 100 + n, dtype=np.int64)
     labels = np.array(["cat", "dog", "bird", "fish"])[rng.integers(0, 4, n)]
@@ -82,7 +85,7 @@ def imgs(page: str) -> list[str]:
 
 def test_report_written_at_end_of_run(finished):
     _, store, _ = finished
-    page = store.get_bytes(report.REPORT_KEY).decode()
+    page = store.get_bytes(layout.REPORT).decode()
     assert "protoprune report: r1" in page and "finished" in page
     assert "badge done" in page and "badge running" not in page and "Not finished" not in page
     srcs = imgs(page)
@@ -90,15 +93,15 @@ def test_report_written_at_end_of_run(finished):
     assert len(srcs) >= 3
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "http://" not in page and "https://" not in page
-    man = manifest.read_json(store, manifest.MANIFEST)
+    man = commit.read_json(store, layout.MANIFEST)
     assert f"{man['rows_in']:,}" in page and f"{man['rows_kept']:,}" in page
 
 
 def test_report_numbers_match_brute_force(finished):
     _, store, full = finished
-    man = manifest.read_json(store, manifest.MANIFEST)
-    scores = read_all(store, "scores/")
-    kept = read_all(store, "keep/")
+    man = commit.read_json(store, layout.MANIFEST)
+    scores = read_all(store, layout.SCORES + "/")
+    kept = read_all(store, layout.KEEP + "/")
     d = report.collect(store, example_column="text")
     assert d.finished and d.shards_done == d.shards_total == len(d.run["shards"])
     assert d.scanned_rows == N and float(d.hist_all.sum()) == pytest.approx(N)
@@ -148,15 +151,15 @@ def test_report_of_unfinished_run_via_cli(finished, tmp_path, capsys):
 
     _, store, _ = finished
     part = copy_run(store, str(tmp_path / "part"))
-    part.delete(manifest.MANIFEST)
-    part.delete("keep")
-    part.delete(report.REPORT_KEY)
+    part.delete(layout.MANIFEST)
+    part.delete(layout.KEEP)
+    part.delete(layout.REPORT)
     for i in (1, 4):
-        part.delete(manifest.marker_key("scores", i))  # shards 1 and 4 not committed yet
-    left = manifest.committed(part, "scores")
+        part.delete(layout.marker_key(layout.SCORES, i))  # shards 1 and 4 not committed yet
+    left = commit.committed(part, layout.SCORES)
     assert main(["report", part.root]) == 0
-    assert capsys.readouterr().out.strip() == part.uri(report.REPORT_KEY)
-    page = part.get_bytes(report.REPORT_KEY).decode()
+    assert capsys.readouterr().out.strip() == part.uri(layout.REPORT)
+    page = part.get_bytes(layout.REPORT).decode()
     assert "not finished" in page and "Not finished:" in page
     assert f"{len(left)} of 6 shards scored" in page
     d = report.collect(part)
@@ -173,7 +176,7 @@ def test_report_of_run_with_nothing_scored(finished, tmp_path):
     _, store, _ = finished
     part = copy_run(store, str(tmp_path / "fresh"))
     for key in part.list():
-        if key != manifest.RUN_JSON:
+        if key != layout.RUN_JSON:
             part.delete(key)
     page = report.build_report(part)
     assert "0 of 6 shards scored" in page and "No shard is scored yet" in page
@@ -188,49 +191,211 @@ def test_report_errors_name_the_folder(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_dedup_and_label_sections(finished, tmp_path):
-    """A run folder whose scores carry `duplicate` flags and whose manifest has per-label counts
-    (manifest key `labels`), as the dedup and label-column features write them."""
-    _, store, full = finished
-    run2 = copy_run(store, str(tmp_path / "dd"))
-    n_dup = 0
-    for key in run2.list("scores/", suffix=".parquet"):
-        t = run2.read_parquet(key)
-        flag = pa.array((t["id"].to_numpy() % 37) == 0)
-        n_dup += int(np.asarray(flag).sum())
-        t = t.append_column("duplicate", flag).append_column(
-            "duplicate_of", pa.array(np.where(np.asarray(flag), t["id"].to_numpy() + 1, -1))
+@pytest.fixture(scope="module")
+def dedup_run(ray_local, tmp_path_factory):
+    """A real dedup run (balanced, 50%, eps 0.05, with a label column) on a text dataset with
+    planted near-duplicates: (run store, input table, embeddings by id, planted (source, copy)
+    id pairs)."""
+    from ray_jobs.driver import run
+
+    tmp = tmp_path_factory.mktemp("dedup")
+    x = clustered(N, D, C, seed=5)
+    rng = np.random.default_rng(6)
+    pick = rng.permutation(N)[: 2 * N_PLANTED]
+    src, copy = pick[:N_PLANTED], pick[N_PLANTED:]  # disjoint: every pair flags its own row
+    x[copy] = x[src] + 1e-4 * rng.normal(size=(N_PLANTED, D)).astype(np.float32)
+    full = write_text_dataset(f"{tmp}/data", x=x)
+    ids = full["id"].to_numpy()
+    run(
+        make_config(
+            dict(
+                input=f"{tmp}/data",
+                output=f"{tmp}/runs",
+                run_id="dd",
+                k=C,
+                dedup_eps=EPS,
+                strategy="balanced",
+                keep_fraction=0.5,
+                shard_rows=500,
+                label_column="label",
+                quiet=True,
+            )
         )
-        run2.write_parquet(key, t, row_group_size=200)
-    man = manifest.read_json(run2, manifest.MANIFEST)
+    )
+    emb = dict(zip(ids.tolist(), x))
+    return Store(f"{tmp}/runs/dd"), full, emb, list(zip(ids[src].tolist(), ids[copy].tolist()))
+
+
+def table_rows(page: str) -> list[str]:
+    return re.findall(r"<tr>(.*?)</tr>", page, flags=re.S)
+
+
+def test_dedup_section_of_a_real_run(dedup_run):
+    """The dedup evidence is read from annotated/ (the pipeline writes it nowhere else): the
+    flagged count, and flagged rows next to the earlier-ranked rows they duplicate."""
+    store, full, emb, planted = dedup_run
+    man = commit.read_manifest(store)
+    dd = man["dedup"]
+    scores = read_all(store, layout.SCORES + "/")
+    ann = read_all(store, layout.ANNOTATED + "/")
+    assert layout.DUPLICATE not in scores.column_names  # committed scores are never rewritten
+    assert sorted(man["annotated"]) == sorted(store.list(layout.ANNOTATED + "/", ".parquet"))
+    flagged = set(ann.filter(ann[layout.DUPLICATE])["id"].to_pylist())
+    assert len(flagged) == dd["removed"] >= len(planted)
+    assert all(a in flagged or b in flagged for a, b in planted)
+
+    d = report.collect(store, example_column="text")
+    assert d.duplicates == dd["removed"] and d.duplicates_exact
+    assert len(d.duplicate_examples) == report.N_DUPLICATES
+    by_id = {r["id"]: r for r in ann.to_pylist()}
+    text = dict(zip(full["id"].to_pylist(), full["text"].to_pylist()))
+    for ex in d.duplicate_examples:
+        r, o = by_id[ex.row.id], by_id[ex.of.id]
+        assert r[layout.DUPLICATE] and ex.of.id == r[layout.DUPLICATE_OF]
+        assert ex.row.cluster == ex.of.cluster == r["cluster"] == o["cluster"]
+        assert (-o["distance"], o["id"]) < (-r["distance"], r["id"])  # ranked earlier
+        assert (ex.row.distance, ex.of.distance) == (r["distance"], o["distance"])
+        assert ex.similarity == pytest.approx(r[layout.MAX_SIMILARITY], abs=0)
+        assert ex.similarity >= 1 - dd["eps"] - 1e-6
+        a, b = emb[ex.row.id], emb[ex.of.id]
+        cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        assert ex.similarity == pytest.approx(cos, abs=1e-4)
+        # content of both rows, looked up in their input shards
+        assert ex.row.content == text[ex.row.id] and ex.of.content == text[ex.of.id]
+
+    page = report.render_html(d)
+    assert "Duplicates removed" in page
+    assert f"{dd['removed']:,} rows are flagged" in page
+    rows = table_rows(page)
+    for ex in d.duplicate_examples:  # each example in one row with the row it duplicates
+        assert any(
+            f"<td>{ex.row.id}</td>" in r
+            and f"<td>{ex.of.id}</td>" in r
+            and f"{ex.similarity:.6g}" in r
+            and text[ex.row.id] in r
+            and text[ex.of.id] in r
+            for r in rows
+        ), ex
+    # removed_per_cluster: a column of the cluster table and a figure, never a raw list
+    assert "[" not in page and str(dd["removed_per_cluster"]) not in page
+    assert "<th>duplicates removed</th>" in page
+    for j, n in enumerate(dd["removed_per_cluster"]):
+        assert any(r.startswith(f"<td>{j}</td>") and f'<td class="n">{n:,}</td>' in r for r in rows)
+    assert len(imgs(page)) >= 5  # distances, clusters, labels, duplicates, timings
+
+
+def test_label_section_of_a_real_run(dedup_run):
+    """Per-label counts (manifest key `labels`, written by --label-column) against brute force."""
+    store, full, _, _ = dedup_run
+    man = commit.read_manifest(store)
     lab = dict(zip(full["id"].to_pylist(), full["label"].to_pylist()))
-    kept_ids = read_all(run2, "keep/")["id"].to_pylist()
+    kept_ids = read_all(store, layout.KEEP + "/")["id"].to_pylist()
+    ann = read_all(store, layout.ANNOTATED + "/")
+    live = ann.filter(pc.invert(ann[layout.DUPLICATE]))["id"].to_pylist()
     before: dict[str, int] = {}
     after: dict[str, int] = {}
+    after_dedup: dict[str, int] = {}
     for v in lab.values():
         before[v] = before.get(v, 0) + 1
     for i in kept_ids:
         after[lab[i]] = after.get(lab[i], 0) + 1
-    man["labels"] = {"column": "label", "before": before, "after": after}
-    man["dedup"] = {"eps": 0.05, "removed": n_dup}
-    manifest.write_json(run2, manifest.MANIFEST, man)
-
-    d = report.collect(run2, example_column="text")
-    assert d.duplicates == n_dup
-    assert len(d.duplicate_examples) == report.N_DUPLICATES
-    assert all(r["id"] % 37 == 0 and r["duplicate_of"] == r["id"] + 1 for r in d.duplicate_examples)
-    text = dict(zip(full["id"].to_pylist(), full["text"].to_pylist()))
-    assert all(r["content"] == text[r["id"]] for r in d.duplicate_examples)
+    for i in live:
+        after_dedup[lab[i]] = after_dedup.get(lab[i], 0) + 1
+    d = report.collect(store, example_column="text")
     rows = report.label_rows(d.manifest)
     assert rows == sorted(
         [(k, before[k], after.get(k, 0)) for k in before], key=lambda r: (-r[1], r[0])
     )
     page = report.render_html(d)
-    assert "Labels (column 'label')" in page and "Duplicates removed" in page
-    assert f"{n_dup:,} rows are flagged" in page
+    assert man["labels"]["column"] == "label" and "Labels (column 'label')" in page
+    assert "<th>after dedup</th>" in page
     for k in before:
-        assert f"<td>{k}</td>" in page
-    assert len(imgs(page)) >= 4  # + the labels figure
+        assert any(
+            r.startswith(f"<td>{k}</td>")
+            and f'<td class="n">{before[k]:,}</td><td class="n">{after_dedup.get(k, 0):,}</td>'
+            f'<td class="n">{after.get(k, 0):,}</td>'
+            in r
+            for r in table_rows(page)
+        )
+
+
+def test_dedup_examples_from_a_subset_of_score_files(dedup_run):
+    """Beyond max_rows the rows' shards are looked up in the chosen score files only: the
+    examples found there (with content) come first; the count is still exact (one part)."""
+    store, full, _, _ = dedup_run
+    man = commit.read_manifest(store)
+    d = report.collect(store, example_column="text", max_rows=1200)
+    assert d.scanned_shards < d.shards_total
+    assert d.duplicates == man["dedup"]["removed"]
+    assert len(d.duplicate_examples) == report.N_DUPLICATES
+    text = dict(zip(full["id"].to_pylist(), full["text"].to_pylist()))
+    both = [e.row.shard is not None and e.of.shard is not None for e in d.duplicate_examples]
+    assert both == sorted(both, reverse=True)
+    for e in d.duplicate_examples:
+        for row in (e.row, e.of):
+            assert row.content == (text[row.id] if row.shard is not None else None)
+    assert "[" not in report.render_html(d)
+
+
+def test_dbp_lists_render_as_columns_and_a_figure(finished):
+    """dbp's complexity and target lists: columns of the cluster table and a figure."""
+    from ray_jobs.driver import run
+
+    tmp, _, _ = finished
+    doc = run(run_cfg(tmp, "r3", strategy="dbp"))
+    store = Store(f"{tmp}/runs/r3")
+    d = report.collect(store)
+    assert d.per_cluster and d.threshold is None and d.cluster_cut is not None
+    page = report.render_html(d)
+    assert "[" not in page and "Each cluster has its own cut" in page
+    assert "<th>dbp complexity</th>" in page and "<th>dbp target share</th>" in page
+    rows = table_rows(page)
+    for j in range(C):
+        c, p = doc["dbp"]["complexity"][j], doc["dbp"]["target"][j]
+        assert any(
+            r.startswith(f"<td>{j}</td>") and f">{c:.6g}<" in r and f">{p:.6g}<" in r for r in rows
+        )
+    assert len(imgs(page)) >= 4  # distances, clusters, dbp, timings
+
+
+def test_rule_not_registered_here_does_not_crash(finished, tmp_path):
+    """A plug-in rule registered in the process that ran the job but not in this one."""
+    _, store, _ = finished
+    run2 = copy_run(store, str(tmp_path / "plug"))
+    man = commit.read_manifest(run2)
+    man["strategy"] = "someone_elses_rule"
+    commit.write_json(run2, layout.MANIFEST, man)
+    d = report.collect(run2)
+    assert not d.rule_known and d.threshold is None and d.cluster_cut is None
+    page = report.render_html(d)
+    assert "someone_elses_rule" in page and "not registered" in page
+
+
+def test_registered_plug_in_rule_and_unknown_manifest_fields(finished, tmp_path, monkeypatch):
+    """The figures follow the registered rule's attributes, not its name; manifest fields the
+    report does not know are tables (a per-cluster list becomes a cluster-table column)."""
+
+    class Plug(strategies.ClusterRule):
+        name = "plug"
+        summary = "a test rule"
+
+    monkeypatch.setitem(strategies.REGISTRY, "plug", Plug())
+    _, store, _ = finished
+    run2 = copy_run(store, str(tmp_path / "plug"))
+    man = commit.read_manifest(run2)
+    man["strategy"] = "plug"
+    man["plug"] = {"weights": [0.5 + j for j in range(C)], "why": "because"}
+    man["history"] = list(range(50))
+    man["steps"] = [{"step": i, "rows": 10 * i} for i in range(3)]
+    commit.write_json(run2, layout.MANIFEST, man)
+    d = report.collect(run2)
+    assert d.per_cluster and d.hardest_first is True and d.rule_known
+    assert d.threshold is None and d.cluster_cut is not None
+    page = report.render_html(d)
+    assert "[" not in page and "{" not in page.split("</style>", 1)[1]
+    assert "Each cluster has its own cut" in page and "a test rule" in page
+    assert "<th>plug.weights</th>" in page and "because" in page
+    assert "… and 30 more" in page and "<th>step</th><th>rows</th>" in page
 
 
 def test_report_failure_does_not_fail_the_run(finished, monkeypatch, caplog):
@@ -245,8 +410,8 @@ def test_report_failure_does_not_fail_the_run(finished, monkeypatch, caplog):
     with caplog.at_level(logging.ERROR, logger="protoprune"):
         doc = run(run_cfg(tmp, "r2", strategy="balanced"))
     store = Store(f"{tmp}/runs/r2")
-    assert doc["rows_kept"] == doc["n_keep"] and store.exists(manifest.MANIFEST)
-    assert not store.exists(report.REPORT_KEY)
+    assert doc["rows_kept"] == doc["n_keep"] and store.exists(layout.MANIFEST)
+    assert not store.exists(layout.REPORT)
     assert any(
         "report not written" in r.getMessage() and "disk on fire" in r.getMessage()
         for r in caplog.records
@@ -265,7 +430,7 @@ def test_report_on_s3(s3_server, finished):
             s3.put_bytes(key, store.get_bytes(key))
     uri = report.write_report(s3)
     assert uri == f"s3://{bucket}/runs/r1/report/index.html"
-    page = s3.get_bytes(report.REPORT_KEY).decode()
+    page = s3.get_bytes(layout.REPORT).decode()
     assert "protoprune report: r1" in page and len(imgs(page)) >= 3
 
 
@@ -357,8 +522,8 @@ def test_cli_report_subprocess(finished, tmp_path):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == part.uri(report.REPORT_KEY)
-    page = part.get_bytes(report.REPORT_KEY).decode()
+    assert r.stdout.strip() == part.uri(layout.REPORT)
+    page = part.get_bytes(layout.REPORT).decode()
     assert "content from column 'text'" in page
     bad = subprocess.run(
         [sys.executable, "-m", "ray_jobs.cli", "report", part.root, "--example-column", "nope"],
@@ -369,7 +534,7 @@ def test_cli_report_subprocess(finished, tmp_path):
     )
     # a missing example column is not fatal: the page says which column and file
     assert bad.returncode == 0
-    assert "column &#x27;nope&#x27; not found" in part.get_bytes(report.REPORT_KEY).decode()
+    assert "column &#x27;nope&#x27; not found" in part.get_bytes(layout.REPORT).decode()
 
 
 def test_image_thumbnails(finished, tmp_path):
@@ -390,10 +555,10 @@ def test_image_thumbnails(finished, tmp_path):
         t = src.read_parquet(key)
         t = t.append_column("img", pa.array([png(i) for i in t["id"].to_pylist()], pa.binary()))
         dst.write_parquet(key, t, row_group_size=250)
-    rj = manifest.read_json(run3, manifest.RUN_JSON)
+    rj = commit.read_json(run3, layout.RUN_JSON)
     rj["input"]["url"] = dst.uri()
     rj["config"]["image_column"] = "img"
-    manifest.write_json(run3, manifest.RUN_JSON, rj)
+    commit.write_json(run3, layout.RUN_JSON, rj)
     d = report.collect(run3)
     ex = [e for v in d.examples.values() for lst in v.values() for e in lst]
     assert d.example_column == "img" and ex and all(e.is_image for e in ex)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from ray_jobs.driver import Run, RunFailed, run
-from scoring import manifest
+from scoring import commit, layout
 from scoring.config import make_config
+from scoring.status import run_status
 from scoring.storage import Store
 from tests.helpers import clustered, write_dataset
 
@@ -93,7 +94,7 @@ def test_resume_redoes_only_missing_shards(base, caplog):
     # as if the driver died after the other shards committed, before 1 and 4 and the reduce
     (d / "_MANIFEST.json").unlink()
     for i in (1, 4):
-        (d / manifest.marker_key("scores", i)).unlink()
+        (d / layout.marker_key("scores", i)).unlink()
     before = stamps(d)
     markers_before = stamps(d, "_commits/scores")
     caplog.set_level(logging.INFO, logger="protoprune")
@@ -124,11 +125,11 @@ def test_marker_naming_other_prototypes_counts_as_missing(base, caplog):
     tmp, _ = base
     d = copy_run(tmp, "p")
     (d / "_MANIFEST.json").unlink()
-    mk = d / manifest.marker_key("scores", 2)
+    mk = d / layout.marker_key("scores", 2)
     m = json.loads(mk.read_text())
     m["prototypes_sha256"] = "0" * 64
     mk.write_text(json.dumps(m))
-    assert manifest.run_status(Store(str(d)))["stages"]["scores"]["pending"] == 1
+    assert run_status(Store(str(d)))["stages"]["scores"]["pending"] == 1
     before = stamps(d)
     caplog.set_level(logging.INFO, logger="protoprune")
     run(cfg(tmp, "p"), quiet=True)
@@ -204,7 +205,7 @@ def test_fixed_file_redoes_only_its_shards(tmp_path, ray_mod):
     with pytest.raises(RunFailed, match=r"id 3 in .*part-000.parquet row 3 .* and .*part-002"):
         run(cfg(tmp_path), quiet=True)
     d = tmp_path / "out" / "a"
-    st = manifest.run_status(Store(str(d)))
+    st = run_status(Store(str(d)))
     assert st["stages"]["reduce"]["failed"] == 1 and "duplicate id" in str(st["stages"])
     plan = json.loads((d / "run.json").read_text())["shards"]
     fixed_shards = {s["index"] for s in plan if s["file"] == "data/part-002.parquet"}
@@ -224,7 +225,7 @@ def test_fixed_file_redoes_only_its_shards(tmp_path, ray_mod):
     history = json.loads((d / "run.json").read_text())["input_history"]
     assert history[0]["changed"] == ["data/part-002.parquet"]
     assert redone == fixed_shards and 0 < len(fixed_shards) < len(plan)
-    assert not manifest.failures(Store(str(d)), "reduce")
+    assert not commit.failures(Store(str(d)), "reduce")
     run(cfg(tmp_path, "fresh"), quiet=True)
     assert keep_ids(d) == keep_ids(tmp_path / "out" / "fresh")
     rerun_scores = stamps(d)

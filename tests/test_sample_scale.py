@@ -8,15 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from scoring.config import RunConfig
-from scoring.prototypes import (
-    fit_kmeans,
-    fit_kmeans_torch,
-    normalize,
-    sample_groups,
-    sample_size_rule,
-)
-from scoring.score import sample_shard, sample_subshard
-from scoring.shards import plan_shards
+from scoring.inputs.parquet import plan_shards
+from scoring.kernels.devices import normalize
+from scoring.kernels.kmeans import fit_kmeans, fit_kmeans_torch
+from scoring.kernels.sampling import sample_groups, sample_size_rule
+from scoring.stages.sample import sample_shard, sample_subshard
 from scoring.storage import Store
 from tests.helpers import clustered, emb_array
 
@@ -88,14 +84,14 @@ def test_torch_kmeans_matches_faiss_quality_on_cpu():
 
 
 def test_committed_reads_many_markers_in_parallel_and_skips_torn_ones(tmp_path):
-    from scoring import manifest
+    from scoring import commit, layout
 
     st = Store(str(tmp_path / "run"))
     for i in range(200):
-        manifest.write_marker(st, "scores", i, {"rows": i, "prototypes_sha256": "p"})
-    st.put_bytes(manifest.marker_key("scores", 200), b'{"rows": ')  # torn
+        commit.write_marker(st, "scores", i, {"rows": i, "prototypes_sha256": "p"})
+    st.put_bytes(layout.marker_key("scores", 200), b'{"rows": ')  # torn
     st.put_bytes("_commits/scores/notes.json", b"{}")  # not a marker
-    got = manifest.committed(st, "scores")
+    got = commit.committed(st, "scores")
     assert sorted(got) == list(range(200))
     assert all(got[i]["rows"] == i and got[i]["shard"] == i for i in got)
-    assert manifest.committed(st, "scores", threads=1) == got
+    assert commit.committed(st, "scores", threads=1) == got

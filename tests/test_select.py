@@ -1,4 +1,4 @@
-"""scoring.select against brute-force references: exact keep sets with many ties."""
+"""scoring.kernels (radix select, quotas) against brute-force references: exact keep sets with many ties."""
 
 from __future__ import annotations
 
@@ -8,20 +8,25 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from scoring.select import (
+from scoring.kernels.quotas import balanced_quotas, plan_cluster_ranges, select_per_cluster
+from scoring.kernels.radix import (
     ThresholdSearch,
-    balanced_quotas,
     float_key,
     gather_candidates,
     keep_mask,
-    key_bits,
     key_histogram,
-    plan_cluster_ranges,
     random_key,
-    rule_key,
-    select_per_cluster,
 )
+from scoring import strategies
 from tests.helpers import ref_hash, reference_keep
+
+
+def rule_key(strategy, distance, ids, seed):
+    return strategies.get(strategy).key(distance, ids, seed)
+
+
+def key_bits(strategy):
+    return strategies.get(strategy).key_bits
 
 STRATEGIES = ["hard", "easy", "random"]
 
@@ -50,7 +55,7 @@ def split(n: int, parts: int, seed: int) -> list[np.ndarray]:
 
 
 def distributed_keep(ids, dist, strategy, n_keep, shards, seed=0, gather_cap=2_000_000):
-    """Drive ThresholdSearch over shards exactly as ray_jobs.driver.Run.reduce does."""
+    """Drive ThresholdSearch over shards exactly as ray_jobs.reduce does."""
     id_arr = pa.array(ids)
     parts = []
     for pos in shards:

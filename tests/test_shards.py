@@ -9,7 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scoring.shards import Shard, embedding_matrix, plan_from_row_groups, plan_shards, read_shard
+from scoring.inputs.parquet import (
+    Shard,
+    embedding_matrix,
+    plan_from_row_groups,
+    plan_shards,
+    read_shard,
+)
 from scoring.storage import Store
 from tests.helpers import emb_array
 
@@ -138,7 +144,7 @@ def test_single_file_input(tmp_path):
 
 @pytest.mark.parametrize("n,tasks", [(0, 4), (1, 4), (5, 8), (10, 4), (1001, 16)])
 def test_shard_groups_cover_each_shard_once(n, tasks):
-    from scoring.score import shard_groups
+    from scoring.stages.stats import shard_groups
 
     idx = list(range(100, 100 + n))
     groups = shard_groups(idx, tasks)

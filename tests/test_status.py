@@ -10,8 +10,9 @@ import pytest
 
 from ray_jobs import cli
 from ray_jobs.driver import RunFailed, run
-from scoring import manifest
+from scoring import commit, layout
 from scoring.config import make_config
+from scoring.status import run_status
 from scoring.storage import Store
 from tests.helpers import clustered, write_dataset
 
@@ -50,7 +51,7 @@ def status_cli(capsys, *args):
 def test_status_of_a_committed_run(done_run, capsys):
     tmp, doc = done_run
     d = tmp / "out" / "s"
-    st = manifest.run_status(Store(str(d)))
+    st = run_status(Store(str(d)))
     n_shards = len(json.loads((d / "run.json").read_text())["shards"])
     assert st["state"] == "committed" and st["committed"] and st["rows"] == N
     assert st["rows_kept"] == doc["rows_kept"] == N // 2
@@ -73,12 +74,12 @@ def test_status_of_a_died_run_then_resumed(done_run, tmp_path, capsys):
     shutil.copytree(tmp / "out" / "s", d)
     (d / "_MANIFEST.json").unlink()
     for i in (0, 3):
-        (d / manifest.marker_key("scores", i)).unlink()
+        (d / layout.marker_key("scores", i)).unlink()
     store = Store(str(d))
-    manifest.record_failure(
+    commit.record_failure(
         store, "scores", "shard-000003", {"shard": 3, "error": "worker died 4 times"}
     )
-    st = manifest.run_status(store)
+    st = run_status(store)
     sc = st["stages"]["scores"]
     n = st["shards"]
     assert st["state"] == "failed" and not st["committed"]
@@ -90,7 +91,7 @@ def test_status_of_a_died_run_then_resumed(done_run, tmp_path, capsys):
     assert "FAILED shard 3 (data/part-00" in out and "worker died 4 times" in out
     assert "reduce/manifest done 0/1  pending 1  failed 0" in out
     run(cfg(tmp, "died"), quiet=True)  # the resume commits shard 3: its failure record goes
-    st = manifest.run_status(store)
+    st = run_status(store)
     assert st["state"] == "committed" and st["stages"]["scores"]["failures"] == []
 
 
@@ -101,7 +102,7 @@ def test_status_names_data_failures(tmp_path, capsys, ray_local):
     write_dataset(store, x, list(range(N)), files=2)
     with pytest.raises(RunFailed, match="part-001.parquet"):
         run(cfg(tmp_path), quiet=True)
-    st = manifest.run_status(Store(str(tmp_path / "out" / "s")))
+    st = run_status(Store(str(tmp_path / "out" / "s")))
     pr = st["stages"]["prototypes"]
     assert st["state"] == "failed" and pr["failed"] == 1 and pr["done"] == 0
     assert any("id 420" in f["error"] and "part-001" in f["file"] for f in pr["failures"])

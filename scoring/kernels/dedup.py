@@ -15,18 +15,15 @@ re-decided in float64 against all their earlier rows.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
+
+from scoring.kernels.devices import torch_device
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = 4096
-
-
-def _device():
-    import torch
-
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def rounding_bound(d: int) -> float:
@@ -41,18 +38,34 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.where(norms > 0, norms, 1.0)[:, None].astype(np.float32)).astype(np.float32)
 
 
-def max_earlier(q, q0: int, c, c0: int, block: int, dev) -> np.ndarray:
-    """For each row i of q (global rank q0 + i): max cosine to the rows j of c (global rank
-    c0 + j) with c0 + j < q0 + i; -inf when there is none. q, c: unit float32 torch tensors.
-    Products are block x block."""
+@dataclass
+class Evidence:
+    """Per row (in rank order): duplicate flag, the largest cosine to an earlier-ranked row of
+    its cluster (-inf when there is none) and that row's rank position (-1 when none)."""
+
+    duplicate: np.ndarray  # bool
+    max_similarity: np.ndarray  # float64
+    earlier: np.ndarray  # int64
+
+    @staticmethod
+    def empty(n: int) -> Evidence:
+        return Evidence(np.zeros(n, bool), np.full(n, -np.inf), np.full(n, -1, np.int64))
+
+
+def max_earlier(q, q0: int, c, c0: int, block: int, dev) -> tuple[np.ndarray, np.ndarray]:
+    """For each row i of q (global rank q0 + i): the max cosine to the rows j of c (global rank
+    c0 + j) with c0 + j < q0 + i, and that j's global rank; (-inf, -1) when there is none.
+    q, c: unit float32 torch tensors. Products are block x block."""
     import torch
 
     nq, nc = q.shape[0], c.shape[0]
     out = np.empty(nq, np.float64)
+    arg = np.empty(nq, np.int64)
     with torch.no_grad():
         for b0 in range(0, nq, block):
             b1 = min(nq, b0 + block)
             m = torch.full((b1 - b0,), -float("inf"), device=dev)
+            mi = torch.full((b1 - b0,), -1, dtype=torch.int64, device=dev)
             last = min(nc, q0 + b1 - 1 - c0)  # columns at or after the last row never count
             for a0 in range(0, max(last, 0), block):
                 a1 = min(last, a0 + block)
@@ -61,36 +74,64 @@ def max_earlier(q, q0: int, c, c0: int, block: int, dev) -> np.ndarray:
                     ri = torch.arange(q0 + b0, q0 + b1, device=dev)[:, None]
                     cj = torch.arange(c0 + a0, c0 + a1, device=dev)[None, :]
                     s = s.masked_fill(cj >= ri, -float("inf"))
-                m = torch.maximum(m, s.max(dim=1).values)
+                v, j = s.max(dim=1)
+                better = v > m  # strictly: of equal maxima the earliest column stands
+                m = torch.where(better, v, m)
+                mi = torch.where(better, j + (c0 + a0), mi)
             out[b0:b1] = m.double().cpu().numpy()
-    return out
+            arg[b0:b1] = mi.cpu().numpy()
+    return out, arg
+
+
+def _exact_earlier(x64_rows: np.ndarray, ranks: np.ndarray, x64_cols: np.ndarray, c0: int):
+    """float64 max cosine (and its column's global rank) of each row against the earlier
+    columns [c0, c0 + len(x64_cols)); (-inf, -1) when there is none. Rows go in blocks of
+    at most ~64 MiB of products."""
+    n = len(ranks)
+    best = np.full(n, -np.inf)
+    arg = np.full(n, -1, np.int64)
+    if n == 0 or len(x64_cols) == 0:
+        return best, arg
+    step = max(1, (64 << 20) // (8 * len(x64_cols)))
+    cols = (c0 + np.arange(len(x64_cols)))[None, :]
+    for a in range(0, n, step):
+        s = x64_rows[a : a + step] @ x64_cols.T
+        s[cols >= ranks[a : a + step, None]] = -np.inf
+        j = s.argmax(axis=1)
+        b = s[np.arange(len(j)), j]
+        best[a : a + step] = b
+        arg[a : a + step] = np.where(np.isfinite(b), c0 + j, -1)
+    return best, arg
+
+
+def dedup_evidence(x: np.ndarray, eps: float, block: int = DEFAULT_BLOCK, device=None) -> Evidence:
+    """Duplicate evidence of rows already in rank order (hardest first). x: float [n, d]."""
+    import torch
+
+    n = len(x)
+    if block < 1:
+        raise ValueError(f"dedup block size must be >= 1 (got {block})")
+    if n <= 1:
+        return Evidence.empty(n)
+    x = np.asarray(x, np.float32)
+    dev = device or torch_device()
+    xt = torch.from_numpy(unit_rows(x)).to(dev)
+    thr = 1.0 - float(eps)
+    best, arg = max_earlier(xt, 0, xt, 0, block, dev)
+    unsure = np.flatnonzero(np.abs(best - thr) <= rounding_bound(x.shape[1]))
+    if len(unsure):
+        x64 = exact_unit(x)
+        best[unsure], arg[unsure] = _exact_earlier(x64[unsure], unsure, x64, 0)
+    out = best >= thr
+    out[0] = False
+    return Evidence(out, best, arg)
 
 
 def duplicate_flags(
     x: np.ndarray, eps: float, block: int = DEFAULT_BLOCK, device=None
 ) -> np.ndarray:
     """Duplicate flags of rows already in rank order (hardest first). x: float [n, d]."""
-    import torch
-
-    n = len(x)
-    out = np.zeros(n, dtype=bool)
-    if block < 1:
-        raise ValueError(f"dedup block size must be >= 1 (got {block})")
-    if n <= 1:
-        return out
-    x = np.asarray(x, np.float32)
-    dev = device or _device()
-    xt = torch.from_numpy(unit_rows(x)).to(dev)
-    thr = 1.0 - float(eps)
-    best = max_earlier(xt, 0, xt, 0, block, dev)
-    out = best >= thr
-    unsure = np.flatnonzero(np.abs(best - thr) <= rounding_bound(x.shape[1]))
-    if len(unsure):
-        x64 = exact_unit(x)
-        for i in unsure:
-            out[i] = bool(i > 0 and (x64[:i] @ x64[i]).max() >= thr)
-    out[0] = False
-    return out
+    return dedup_evidence(x, eps, block, device).duplicate
 
 
 def exact_unit(x: np.ndarray) -> np.ndarray:
@@ -99,8 +140,10 @@ def exact_unit(x: np.ndarray) -> np.ndarray:
     return x64 / np.where(norms > 0, norms, 1.0)[:, None]
 
 
-def streamed_flags(n: int, load_chunk, chunk_rows: int, d: int, eps: float, block: int):
-    """Duplicate flags of n rank-ordered rows that do not fit in memory together.
+def streamed_evidence(
+    n: int, load_chunk, chunk_rows: int, d: int, eps: float, block: int
+) -> Evidence:
+    """Duplicate evidence of n rank-ordered rows that do not fit in memory together.
 
     `load_chunk(c)` returns the raw float32 embeddings of ranks [c*chunk_rows, (c+1)*chunk_rows).
     Each query chunk is compared with itself and every earlier chunk, loaded one at a time, so
@@ -109,50 +152,55 @@ def streamed_flags(n: int, load_chunk, chunk_rows: int, d: int, eps: float, bloc
     """
     import torch
 
-    dev = _device()
+    dev = torch_device()
     thr = 1.0 - float(eps)
     tol = rounding_bound(d)
-    flags = np.zeros(n, dtype=bool)
+    ev = Evidence.empty(n)
     chunks = (n + chunk_rows - 1) // chunk_rows
     for qc in range(chunks):
         q_raw = load_chunk(qc)
         q0 = qc * chunk_rows
         q = torch.from_numpy(unit_rows(q_raw)).to(dev)
         best = np.full(len(q_raw), -np.inf)
+        arg = np.full(len(q_raw), -1, np.int64)
         for cc in range(qc + 1):
             c = q if cc == qc else torch.from_numpy(unit_rows(load_chunk(cc))).to(dev)
-            best = np.maximum(best, max_earlier(q, q0, c, cc * chunk_rows, block, dev))
-        f = best >= thr
+            b, a = max_earlier(q, q0, c, cc * chunk_rows, block, dev)
+            better = b > best
+            best, arg = np.where(better, b, best), np.where(better, a, arg)
         unsure = np.flatnonzero(np.abs(best - thr) <= tol)
         if len(unsure):
             xq = exact_unit(q_raw[unsure])
             b64 = np.full(len(unsure), -np.inf)
+            a64 = np.full(len(unsure), -1, np.int64)
             for cc in range(qc + 1):
                 xc = exact_unit(q_raw if cc == qc else load_chunk(cc))
-                s = xq @ xc.T
-                rows = (q0 + unsure)[:, None]
-                cols = (cc * chunk_rows + np.arange(len(xc)))[None, :]
-                s[cols >= rows] = -np.inf
-                b64 = np.maximum(b64, s.max(axis=1) if s.shape[1] else b64)
-            f[unsure] = b64 >= thr
-        flags[q0 : q0 + len(q_raw)] = f
-    flags[:1] = False
-    return flags
+                b, a = _exact_earlier(xq, q0 + unsure, xc, cc * chunk_rows)
+                better = b > b64
+                b64, a64 = np.where(better, b, b64), np.where(better, a, a64)
+            best[unsure], arg[unsure] = b64, a64
+        sl = slice(q0, q0 + len(q_raw))
+        ev.duplicate[sl], ev.max_similarity[sl], ev.earlier[sl] = best >= thr, best, arg
+    ev.duplicate[:1] = False
+    return ev
 
 
 def dedup_sorted(
     cluster: np.ndarray, x: np.ndarray, eps: float, block: int = DEFAULT_BLOCK
-) -> np.ndarray:
-    """Duplicate flags for rows sorted by (cluster asc, distance desc, id asc)."""
-    flags = np.zeros(len(cluster), dtype=bool)
+) -> Evidence:
+    """Duplicate evidence for rows sorted by (cluster asc, distance desc, id asc); `earlier`
+    holds row positions in the whole sorted input."""
+    ev = Evidence.empty(len(cluster))
     if len(cluster) == 0:
-        return flags
+        return ev
     starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
     ends = np.r_[starts[1:], len(cluster)]
-    dev = _device()
+    dev = torch_device()
     for a, b in zip(starts, ends):
-        flags[a:b] = duplicate_flags(x[a:b], eps, block, dev)
-    return flags
+        e = dedup_evidence(x[a:b], eps, block, dev)
+        ev.duplicate[a:b], ev.max_similarity[a:b] = e.duplicate, e.max_similarity
+        ev.earlier[a:b] = np.where(e.earlier >= 0, e.earlier + a, -1)
+    return ev
 
 
 def reference_flags(x: np.ndarray, eps: float) -> np.ndarray:

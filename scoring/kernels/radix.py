@@ -1,20 +1,13 @@
-"""Exact, distributable selection rules (DESIGN §5).
+"""Sort keys and the exact distributed radix select of global rules (DESIGN §5).
 
 The keep list equals what one process would pick by sorting all N rows, ties broken by id
-ascending, yet no process holds all N scores:
-
-* Global rules (hard, easy, random) map every row to an unsigned sort key (smaller = picked
-  first) and find the exact (key, id) of the n_keep-th row by a distributed radix select:
-  16-bit-digit histograms summed over shards narrow the boundary to one key prefix, then the
-  few rows under that prefix are gathered and sorted exactly. Each shard then keeps the rows
-  whose (key, id) is <= that threshold. Driver memory: one 65,536-bin histogram plus the
-  boundary candidates (at most `GATHER_CAP` rows unless millions of rows share one exact key).
-* Per-cluster rules (balanced, and later dbp) compute integer quotas from global cluster counts,
-  then pick the q_j hardest rows of every cluster in contiguous cluster ranges; a range's rows
-  are read from every score shard (score files are sorted by cluster, so only the row groups
-  that overlap the range are read). Memory is bounded by the largest cluster range.
-
-Everything here is pure numpy/pyarrow: the Ray driver only maps these functions over shards.
+ascending, yet no process holds all N scores. A global rule maps every row to an unsigned sort
+key (smaller = picked first); the exact (key, id) of the n_keep-th row is found by a
+distributed radix select: 16-bit-digit histograms summed over parts narrow the boundary to one
+key prefix, then the few rows under that prefix are gathered and sorted exactly. Each part
+then keeps the rows whose (key, id) is <= that threshold. Driver memory: one 65,536-bin
+histogram plus the boundary candidates (at most `GATHER_CAP` rows unless millions of rows share
+one exact key).
 """
 
 from __future__ import annotations
@@ -87,20 +80,6 @@ def random_key(ids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
     o = offsets.tolist()
     digests = b"".join(map(one, o[:-1], o[1:]))
     return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
-
-
-def rule_key(strategy: str, distance: np.ndarray, ids, seed: int) -> np.ndarray:
-    if strategy == "hard":
-        return distance_key(distance, hardest_first=True)
-    if strategy == "easy":
-        return distance_key(distance, hardest_first=False)
-    if strategy == "random":
-        return random_key(ids, seed)
-    raise ValueError(f"strategy '{strategy}' has no global sort key")
-
-
-def key_bits(strategy: str) -> int:
-    return 64 if strategy == "random" else 32
 
 
 # -- distributed radix select ----------------------------------------------------------------
@@ -224,52 +203,3 @@ class ThresholdSearch:
             t = self._cands
             assert t is not None and t.num_rows == self.remaining, "candidate count mismatch"
             self.result = Threshold(int(t["key"][-1].as_py()), t["id"][-1].as_py())
-
-
-# -- per-cluster quotas ----------------------------------------------------------------------
-def balanced_quotas(counts: np.ndarray, n_keep: int) -> np.ndarray:
-    """q_j = floor(n_keep·n_j/M) plus one for the largest remainders (ties: lower j). Exact."""
-    n = [int(c) for c in counts]
-    m = sum(n)
-    if m == 0:
-        return np.zeros(len(n), dtype=np.int64)
-    q = [n_keep * c // m for c in n]
-    rem = [n_keep * c % m for c in n]
-    short = n_keep - sum(q)
-    order = sorted(range(len(n)), key=lambda j: (-rem[j], j))
-    for j in order[:short]:
-        q[j] += 1
-    return np.array(q, dtype=np.int64)
-
-
-def plan_cluster_ranges(counts: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
-    """Contiguous cluster ranges [a, b) of at most max_rows rows (a single cluster may exceed)."""
-    ranges: list[tuple[int, int]] = []
-    start, acc = 0, 0
-    for j, c in enumerate(np.asarray(counts, dtype=np.int64)):
-        if acc and acc + c > max_rows:
-            ranges.append((start, j))
-            start, acc = j, 0
-        acc += int(c)
-    if len(counts):
-        ranges.append((start, len(counts)))
-    return ranges
-
-
-def select_per_cluster(table: pa.Table, quotas: np.ndarray) -> pa.Table:
-    """Rows of `table` (all rows of some whole clusters) with the q_j hardest of each cluster.
-
-    Hardest first = distance desc, id asc. `quotas` is indexed by global cluster id.
-    """
-    if table.num_rows == 0:
-        return table
-    idx = pc.sort_indices(
-        table, sort_keys=[("cluster", "ascending"), ("distance", "descending"), ("id", "ascending")]
-    )
-    t = table.take(idx)
-    cl = t["cluster"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, cl[1:] != cl[:-1]])
-    first = np.repeat(starts, np.diff(np.r_[starts, len(cl)]))
-    rank = np.arange(len(cl)) - first
-    keep = rank < np.asarray(quotas)[cl]
-    return t.filter(pa.array(keep))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from scoring.select import float_key
+from scoring.kernels.radix import float_key
 
 TOLERANCE = 0.001
 LEVEL1_BITS = 16

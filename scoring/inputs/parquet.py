@@ -1,4 +1,4 @@
-"""Input discovery and shard planning from Parquet footers only.
+"""Parquet input: discovery, shard planning from the footers, schema checks, shard reads.
 
 A shard is a contiguous run of row groups of one file, about `shard_rows` rows: the unit of work,
 commit and retry. The plan is a pure function of the sorted file list and their footers, so every
@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from scoring.errors import BadInput
 from scoring.storage import Store
 
 
@@ -43,7 +44,9 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"shard-{self.index:06d}"
+        from scoring.layout import shard_name
+
+        return shard_name(self.index)
 
 
 def list_input(store: Store) -> list[dict[str, Any]]:
@@ -54,7 +57,7 @@ def list_input(store: Store) -> list[dict[str, Any]]:
         if not any(part.startswith((".", "_")) for part in f["key"].split("/"))
     ]
     if not files:
-        raise ValueError(f"input {store.uri()}: no .parquet files found")
+        raise BadInput(f"input {store.uri()}: no .parquet files found")
     return files
 
 
@@ -130,7 +133,7 @@ def read_shard_columns(store: Store, shard: Shard, columns: list[str], where: st
     names = pf.schema_arrow.names
     for c in columns:
         if c not in names:
-            raise ValueError(f"{where}: column '{c}' not found (columns: {', '.join(names)})")
+            raise BadInput(f"{where}: column '{c}' not found (columns: {', '.join(names)})")
     return read_shard(store, shard, columns, pf)
 
 
@@ -183,13 +186,13 @@ def embedding_matrix(column, where: str, name: str) -> np.ndarray:
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     t = column.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise ValueError(f"{where}: column '{name}' must be a list of floats, found {t}")
+        raise BadInput(f"{where}: column '{name}' must be a list of floats, found {t}")
     vt = t.value_type
     if not (pa.types.is_floating(vt) or pa.types.is_integer(vt)):
-        raise ValueError(f"{where}: column '{name}' must be a list of floats, found {t}")
+        raise BadInput(f"{where}: column '{name}' must be a list of floats, found {t}")
     n = len(column)
     if column.null_count:
-        raise ValueError(f"{where}: column '{name}' has {column.null_count} null embedding(s)")
+        raise BadInput(f"{where}: column '{name}' has {column.null_count} null embedding(s)")
     if n == 0:
         return np.zeros((0, t.list_size if pa.types.is_fixed_size_list(t) else 0), np.float32)
     if pa.types.is_fixed_size_list(t):
@@ -201,13 +204,109 @@ def embedding_matrix(column, where: str, name: str) -> np.ndarray:
         d = int(lengths[0])
         if not (lengths == d).all():
             bad = int(np.nonzero(lengths != d)[0][0])
-            raise ValueError(
+            raise BadInput(
                 f"{where}: column '{name}' has rows of different widths "
                 f"({d} and {int(lengths[bad])} at row {bad})"
             )
         values = column.flatten()
     if values.null_count:
-        raise ValueError(f"{where}: column '{name}' has null values inside embeddings")
+        raise BadInput(f"{where}: column '{name}' has null values inside embeddings")
     if values.type != pa.float32():
         values = pc.cast(values, pa.float32())
     return values.to_numpy(zero_copy_only=False).reshape(n, d)
+
+
+# -- schema checks (footers only, before any work starts) ---------------------------------------
+def _is_id_type(t) -> bool:
+    import pyarrow as pa
+
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    )
+
+
+def check_schemas(
+    store: Store, schemas: dict[str, Any], id_col: str, columns: list[str], emb_col: str | None
+) -> None:
+    """Fail fast, from the footers only: missing columns, ids that are not integers or strings,
+    id types that differ across files (the reducer compares ids of all shards), embedding
+    columns that are not lists of numbers, fixed widths that differ across files
+    (variable-width lists are checked when read). `emb_col` is None for raw text/image input
+    (the model gives the embeddings)."""
+    import pyarrow as pa
+
+    widths: dict[int, str] = {}
+    first_id: tuple[str, Any] | None = None
+    for key, schema in schemas.items():
+        for col in columns:
+            if col not in schema.names:
+                raise BadInput(
+                    f"{store.uri(key)}: column '{col}' not found "
+                    f"(columns: {', '.join(schema.names)})"
+                )
+    for key, schema in schemas.items():
+        where = store.uri(key)
+        it = schema.field(id_col).type
+        if not _is_id_type(it):
+            raise BadInput(
+                f"{where}: column '{id_col}' must hold integer or string ids, found {it}"
+            )
+        if emb_col is None:
+            continue
+        et = schema.field(emb_col).type
+        is_list = pa.types.is_list(et) or pa.types.is_large_list(et)
+        if not (is_list or pa.types.is_fixed_size_list(et)) or not (
+            pa.types.is_floating(et.value_type) or pa.types.is_integer(et.value_type)
+        ):
+            raise BadInput(
+                f"{where}: column '{emb_col}' must be a list of numbers (embeddings), found {et}"
+            )
+        if pa.types.is_fixed_size_list(et):
+            widths.setdefault(et.list_size, where)
+            if len(widths) > 1:
+                (w1, f1), (w2, f2) = list(widths.items())[:2]
+                raise BadInput(
+                    f"column '{emb_col}' has mixed embedding widths across files: "
+                    f"{w1} in {f1}, {w2} in {f2}"
+                )
+    for key, schema in sorted(schemas.items()):
+        typ = schema.field(id_col).type
+        if first_id is None:
+            first_id = (key, typ)
+        elif typ != first_id[1]:
+            raise BadInput(
+                f"{store.uri(key)}: column '{id_col}' is {typ}, but {first_id[1]} in "
+                f"{store.uri(first_id[0])}; all files need the same id type"
+            )
+
+
+def fixed_width(schemas, column: str) -> int | None:
+    """The embedding width when every file stores it as fixed_size_list<float>[d], else None."""
+    import pyarrow as pa
+
+    widths = set()
+    for sc in schemas:
+        if column not in sc.names:
+            return None
+        t = sc.field(column).type
+        if not pa.types.is_fixed_size_list(t):
+            return None
+        widths.add(t.list_size)
+    return widths.pop() if len(widths) == 1 else None
+
+
+def groups_overlapping(pf, column: str, lo, hi) -> list[int]:
+    """Row groups of a file sorted by `column` whose statistics may hold values in [lo, hi)
+    (all groups without statistics)."""
+    col = pf.schema_arrow.get_field_index(column)
+    md = pf.metadata
+    out = []
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max or (st.max >= lo and st.min < hi):
+            out.append(g)
+    return out

@@ -36,6 +36,8 @@ import warnings
 
 import numpy as np
 
+from scoring.kernels.devices import has_faiss_gpu, row_norms, torch_cuda
+
 log = logging.getLogger(__name__)
 
 CANDIDATES = 3  # low-precision top-m kept per row and re-scored exactly
@@ -113,7 +115,7 @@ class NearestPrototype:
             )
         if self.metric == "cosine" and not unit:
             if self.backend == "torch":
-                from scoring.prototypes import normalize
+                from scoring.kernels.devices import normalize
 
                 return self._torch.search(normalize(x))
             return self._faiss.search(x, scale=row_norms(x))
@@ -304,30 +306,6 @@ def _order_desc(torch, ex, cand):
     ex1 = torch.gather(ex, 1, o1)
     o2 = torch.argsort(-ex1, dim=1, stable=True)
     return torch.gather(o1, 1, o2)
-
-
-def row_norms(x: np.ndarray) -> np.ndarray:
-    """‖x_i‖ as float32, one pass without an n × d temporary."""
-    return np.sqrt(np.einsum("ij,ij->i", x, x)).astype(np.float32)
-
-
-def has_faiss_gpu() -> bool:
-    """True when the faiss module is a GPU build and sees a GPU."""
-    try:
-        import faiss
-
-        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def torch_cuda() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def brute_force_nearest(x: np.ndarray, centroids: np.ndarray, metric: str):

@@ -1,0 +1,224 @@
+"""The reduce: committed score shards -> one exact global keep list and the manifest.
+
+Passes, each a bounded map over Ray tasks of `scoring.stages` functions:
+duplicate ids (by id-hash range) -> stats (groups of shards) -> percentile refinement ->
+annotate (cluster ranges: percentile, dedup evidence; a per-cluster rule without dedup keeps
+here too) -> quotas (per-cluster rules) or the radix select (global rules) -> keep (per part).
+Memory is bounded by the largest cluster range, never by N (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from ray_jobs import scheduler as sch
+from scoring import commit, layout, strategies
+from scoring.errors import RunFailed
+from scoring.kernels.percentile import PercentileBins
+from scoring.kernels.quotas import plan_cluster_ranges
+from scoring.kernels.radix import ThresholdSearch
+from scoring.stages import annotate, keep, stats
+from scoring.strategies import GlobalRule, QuotaInput
+
+log = logging.getLogger("protoprune")
+
+
+def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
+    """The manifest document of `run` (a driver.Run whose shards are all scored)."""
+    cfg, store, k = run.cfg, run.store, run.cfg.k
+    rule = strategies.get(cfg.strategy)
+    idx = [s.index for s in run.shards]
+    par = 2 * sch.cluster_cpus()
+    quiet = run.quiet
+    # keep/ is not committed before the manifest: parts of an interrupted reduce go.
+    store.delete(layout.KEEP)
+    check_duplicate_ids(run, idx, par)
+
+    groups = stats.shard_groups(idx, 2 * par)
+    tasks = [stats.StatsTask(store, g, k) for g in groups]
+    st = sum(
+        sch.map_tasks(stats.group_stats, tasks, par, "reduce: stats", quiet), stats.Stats.zero(k)
+    )
+    n = int(st.counts.sum())
+    assert n == run.n_rows, f"scores hold {n} rows, the input {run.n_rows}"
+    n_keep = cfg.n_keep(n)
+    bins = PercentileBins(st.hist)
+    while (req := bins.refine_request()) is not None:
+        prefixes, low_bits = req
+        tasks = [stats.RefineTask(store, g, prefixes, low_bits) for g in groups]
+        bins.apply_refinement(
+            prefixes, low_bits, sum(sch.map_tasks(stats.group_refine, tasks, par))
+        )
+    extra: dict[str, Any] = {"percentile": bins.info()}
+
+    dedup = cfg.dedup_eps is not None
+    dim = int(centroids.shape[1])
+    ranges = plan_cluster_ranges(st.counts, annotate.range_rows(st.counts, dedup, dim))
+    extra["cluster_ranges"] = len(ranges)
+
+    def quotas_of(counts, dist_sum, n):
+        q, info = rule.quotas(QuotaInput(counts, dist_sum, n, cfg, centroids))
+        extra.update(info)
+        return q
+
+    quotas_now = (
+        quotas_of(st.counts, st.dist_sum, n_keep) if rule.per_cluster and not dedup else None
+    )
+    global_rule = rule if isinstance(rule, GlobalRule) else None
+    tasks = [
+        annotate.RangeTask(
+            store, idx, part, lo, hi, k, bins, cfg.dedup_eps, quotas_now, global_rule, cfg.seed,
+            stream_dim=annotate.stream_dim(st.counts, lo, hi, dedup, dim),
+        )
+        for part, (lo, hi) in enumerate(ranges)
+    ]  # fmt: skip
+    # dedup's block products run on a GPU when the cluster has one (Ray hides GPUs from
+    # tasks that do not ask for one); a GPU task keeps its process (scheduler.Tasks)
+    gpus = sch.cluster_gpus() if dedup else 0
+    surv = np.zeros(k, np.int64)
+    surv_dist = np.zeros(k, np.float64)
+    removed = np.zeros(k, np.int64)
+    labels_in: Counter = Counter()
+    labels_surv: Counter = Counter()
+    kept_parts: list[keep.KeepResult] = []
+    annotated: list[str] = []
+    first_hist = None
+    for res in sch.map_tasks(
+        annotate.annotate_range, tasks, gpus or par, "reduce: ranges", quiet, 1, 1 if gpus else 0
+    ):
+        surv += res.survivors
+        surv_dist += res.survivor_dist_sum
+        removed += res.removed
+        labels_in.update(res.labels)
+        labels_surv.update(res.survivor_labels)
+        if res.annotated:
+            annotated.append(res.annotated)
+        if res.key_hist is not None:
+            first_hist = res.key_hist + (0 if first_hist is None else first_hist)
+        if res.keep is not None:
+            kept_parts.append(res.keep)
+    m = int(surv.sum())
+    parts = list(range(len(ranges)))
+    if rule.per_cluster and dedup:
+        q = quotas_of(surv, surv_dist, min(n_keep, m))
+        tasks = [keep.KeepTask(store, p, k, quotas=q) for p in parts]
+        kept_parts += sch.map_tasks(keep.keep_part, tasks, par, "reduce: keep", quiet)
+    elif global_rule is not None:
+        th, passes = global_threshold(run, global_rule, parts, min(n_keep, m), m, par, first_hist)
+        extra["threshold"] = th.to_json()
+        extra["select_passes"] = passes
+        tasks = [
+            keep.KeepTask(store, p, k, rule=global_rule, seed=cfg.seed, threshold=th) for p in parts
+        ]
+        kept_parts += sch.map_tasks(keep.keep_part, tasks, par, "reduce: keep", quiet)
+    kept = sum((r.kept for r in kept_parts), np.zeros(k, np.int64))
+    labels_kept: Counter = Counter()
+    for r in kept_parts:
+        labels_kept.update(r.labels)
+    files = sorted((r.entry for r in kept_parts if r.entry), key=lambda f: f["path"])
+    expect = min(n_keep, m)
+    assert int(kept.sum()) == expect, f"kept {int(kept.sum())} rows, expected {expect}"
+    if dedup:
+        extra["dedup"] = {
+            "eps": cfg.dedup_eps,
+            "removed": int(removed.sum()),
+            "survivors": m,
+            "removed_per_cluster": removed.tolist(),
+        }
+    if cfg.label_column:
+        extra["labels"] = {
+            "column": cfg.label_column,
+            "before": dict(sorted(labels_in.items())),
+            "after_dedup": dict(sorted(labels_surv.items())) if dedup else None,
+            "after": {key: labels_kept.get(key, 0) for key in sorted(labels_in)},
+        }
+    mean_dist = np.divide(st.dist_sum, np.maximum(st.counts, 1))
+    return {
+        "format_version": commit.FORMAT_VERSION,
+        "run_id": cfg.run_id,
+        "config_hash": cfg.config_hash(),
+        "code_version": commit.code_version(),
+        "strategy": cfg.strategy,
+        "metric": cfg.metric,
+        "k": k,
+        "rows_in": n,
+        "rows_kept": int(kept.sum()),
+        "n_keep": n_keep,
+        "prototypes_sha256": sha,
+        "clusters": {
+            "rows": st.counts.tolist(),
+            "kept": kept.tolist(),
+            "mean_distance": [round(float(x), 6) for x in mean_dist],
+        },
+        "files": files,
+        "annotated": sorted(annotated),
+        **extra,
+    }
+
+
+def global_threshold(
+    run, rule: GlobalRule, parts: list[int], n_keep: int, m: int, par: int, first_hist
+):
+    """The exact (key, id) threshold of a global rule over the survivors of all parts.
+    `first_hist`: the first digit's histogram, summed from the range pass (no read)."""
+    search = ThresholdSearch(n_keep, m, rule.key_bits)
+    if first_hist is not None and search.request() == ("hist", 0, 0, n_keep):
+        search.add_histogram(first_hist)
+        search.advance()
+    while (req := search.request()) is not None:
+        mode, prefix, bits, limit = req
+        lim = None if mode == "hist" else limit
+        tasks = [
+            keep.SelectTask(run.store, p, rule, run.cfg.seed, prefix, bits, lim) for p in parts
+        ]
+        for got in sch.map_tasks(keep.select_pass, tasks, par):
+            if mode == "hist":
+                search.add_histogram(got)
+            elif got is not None:
+                search.add_candidates(got)
+        search.advance()
+    return search.result, search.passes
+
+
+def check_duplicate_ids(run, idx: list[int], par: int) -> None:
+    """Find ids that occur more than once, by hash range: each task reads one range of the
+    per-shard sorted id hashes (ids/shard-N.parquet) from every shard, so memory is bounded
+    by the range, not by N. Fails the run naming the ids and where they occur."""
+    ranges = stats.hash_ranges(run.n_rows, annotate.RANGE_ROWS)
+    tasks = [stats.DuplicateIdsTask(run.store, idx, lo, hi) for lo, hi in ranges]
+    total = 0
+    examples: list[dict[str, Any]] = []
+    for got in sch.map_tasks(stats.duplicate_ids, tasks, par):
+        total += got.count
+        examples.extend(got.examples)
+    if not total:
+        commit.clear_failures(run.store, layout.REDUCE)
+        return
+    examples.sort(key=lambda d: (d["where"][0], str(d["id"])))
+    shards = run.shards
+    file_start: dict[str, int] = {}
+    for sh in shards:
+        file_start.setdefault(sh.file, sh.row_offset)
+
+    def where(w: list[list[int]]) -> str:
+        return " and ".join(
+            f"{run.where(s)} row {shards[s].row_offset - file_start[shards[s].file] + r} "
+            f"(shard {s})"
+            for s, r in w
+        )
+
+    shown = "; ".join(f"id {d['id']!r} in {where(d['where'])}" for d in examples[:3])
+    more = f" (and {total - 3} more)" if total > 3 else ""
+    msg = f"column '{run.cfg.id_column}' has {total} duplicate id(s): {shown}{more}"
+    files = sorted({run.where(s) for d in examples for s, _ in d["where"]})
+    commit.record_failure(
+        run.store,
+        layout.REDUCE,
+        "duplicate-ids",
+        {"error": msg, "file": ", ".join(files), "examples": examples[:100]},
+    )
+    raise RunFailed(f"reduce failed, no manifest committed: {msg}")

@@ -1,0 +1,1 @@
+"""Input formats. Parquet today (`scoring.inputs.parquet`): planning, schema checks, reads."""

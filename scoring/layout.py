@@ -1,0 +1,139 @@
+"""Every key of the run folder and every table's columns: the one module that spells them.
+
+A key is a pure function of (stage, unit); a retry writes the same key with the same bytes.
+
+    <output>/<run_id>/
+      run.json                           config, config hash, input fingerprint, shard plan
+      prototypes/centroids.npy           float32 [k, d]
+      prototypes/_COMMITTED.json         the prototypes' commit marker
+      scores/shard-NNNNNN.parquet        SCORE_COLUMNS (+ label), sorted by cluster
+      ids/shard-NNNNNN.parquet           ID_HASH_COLUMNS, sorted by hash (duplicate-id check)
+      embeddings/shard-NNNNNN.parquet    EMBEDDING_COLUMNS, in the score file's row order
+      _commits/<stage>/shard-NNNNNN.json per-shard commit markers
+      _failures/<stage>/<name>.json      why a unit failed (for status)
+      annotated/part-NNNNNN.parquet      scores + ANNOTATION_COLUMNS, by cluster range
+      keep/part-NNNNNN.parquet           the keep list
+      _tmp/...                           spill space of one task, deleted by it
+      report/index.html                  the report
+      _MANIFEST.json                     written last: the commit of the whole run
+"""
+
+from __future__ import annotations
+
+import re
+
+RUN_JSON = "run.json"
+MANIFEST = "_MANIFEST.json"
+CENTROIDS = "prototypes/centroids.npy"
+PROTOTYPES_COMMIT = "prototypes/_COMMITTED.json"
+REPORT = "report/index.html"
+
+# folders, each written by one stage
+SCORES = "scores"
+IDS = "ids"
+EMBEDDINGS = "embeddings"
+COMMITS = "_commits"
+FAILURES = "_failures"
+ANNOTATED = "annotated"
+KEEP = "keep"
+TMP = "_tmp"
+PROTOTYPES = "prototypes"
+REPORT_DIR = "report"
+REDUCE = "reduce"  # the stage name of the reduce's failure records
+
+# Tables. The first three score columns are the contract other tools read (DESIGN §4).
+SCORE_COLUMNS = ("id", "cluster", "distance", "margin")
+LABEL = "label"  # added to scores/annotated/keep with --label-column
+ID_HASH_COLUMNS = ("hash", "id", "row")
+EMBEDDING_COLUMNS = ("id", "embedding")
+PERCENTILE = "percentile"
+DUPLICATE = "duplicate"
+MAX_SIMILARITY = "max_similarity"
+DUPLICATE_OF = "duplicate_of"
+DEDUP_COLUMNS = (DUPLICATE, MAX_SIMILARITY, DUPLICATE_OF)
+ROW_GROUP = 65_536  # rows per row group of every table the run writes
+
+# Wiping a run (--force-new): the manifest first (no reader may trust a half-deleted run), then
+# the markers (nothing half-deleted counts as done), then the data, run.json last. Every
+# top-level entry of the layout is here: a test checks that a wiped run folder is empty.
+WIPE_ORDER = (
+    MANIFEST,
+    COMMITS,
+    PROTOTYPES_COMMIT,
+    FAILURES,
+    KEEP,
+    ANNOTATED,
+    TMP,
+    SCORES,
+    IDS,
+    EMBEDDINGS,
+    PROTOTYPES,
+    REPORT_DIR,
+    RUN_JSON,
+)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def part_name(part: int) -> str:
+    return f"part-{part:06d}"
+
+
+def score_key(shard: int) -> str:
+    return f"{SCORES}/{shard_name(shard)}.parquet"
+
+
+def ids_key(shard: int) -> str:
+    return f"{IDS}/{shard_name(shard)}.parquet"
+
+
+def embeddings_key(shard: int) -> str:
+    return f"{EMBEDDINGS}/{shard_name(shard)}.parquet"
+
+
+def annotated_key(part: int) -> str:
+    return f"{ANNOTATED}/{part_name(part)}.parquet"
+
+
+def keep_key(part: int) -> str:
+    return f"{KEEP}/{part_name(part)}.parquet"
+
+
+def marker_dir(stage: str) -> str:
+    return f"{COMMITS}/{stage}/"
+
+
+def marker_key(stage: str, shard: int) -> str:
+    return f"{marker_dir(stage)}{shard_name(shard)}.json"
+
+
+def failure_dir(stage: str) -> str:
+    return f"{FAILURES}/{stage}/"
+
+
+def failure_key(stage: str, name: str) -> str:
+    return f"{failure_dir(stage)}{name}.json"
+
+
+def dedup_spill(part: int) -> str:
+    """Spill folder of one cluster too large for memory (deleted by the task that made it)."""
+    return f"{TMP}/dedup/{part_name(part)}"
+
+
+def spill_chunk(part: int, chunk: int, shard: int) -> str:
+    return f"{dedup_spill(part)}/chunk-{chunk:06d}/{shard_name(shard)}.npz"
+
+
+def spill_chunk_dir(part: int, chunk: int) -> str:
+    return f"{dedup_spill(part)}/chunk-{chunk:06d}/"
+
+
+_SHARD_RE = re.compile(r"shard-(\d+)\.json$")
+
+
+def marker_shard(key: str) -> int | None:
+    """The shard index of a marker key, or None for a key that is not a marker."""
+    m = _SHARD_RE.search(key)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,58 @@
+"""The run report: one self-contained HTML page (report/index.html) that shows what pruning did.
+
+`collect` reads the run folder into a `ReportData` (bounded memory, `Store` IO only; a run that
+is still going gets a report of what is committed so far, marked "not finished"), `figures`
+draws its PNGs, `html.render_html` builds the page. `duplicates` reads the dedup evidence from
+the annotated parts and `content` the examples' text or image thumbnails from the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from scoring import layout
+from scoring.report.collect import MAX_ROWS, N_EXAMPLES, TOP_CLUSTERS, collect
+from scoring.report.content import THUMB_PX
+from scoring.report.data import Duplicate, Example, ReportData
+from scoring.report.duplicates import N_DUPLICATES
+from scoring.report.figures import label_rows, stage_timings
+from scoring.report.html import render_html
+from scoring.storage import Store
+
+log = logging.getLogger(__name__)
+
+REPORT_KEY = layout.REPORT  # kept for callers of the single-module report
+
+
+def build_report(store: Store, example_column: str | None = None, max_rows: int = MAX_ROWS) -> str:
+    """The report page of the run folder `store` (finished or not)."""
+    return render_html(collect(store, example_column=example_column, max_rows=max_rows))
+
+
+def write_report(store: Store, example_column: str | None = None, max_rows: int = MAX_ROWS) -> str:
+    """Build the report and write it to report/index.html; returns its URL."""
+    t0 = time.perf_counter()
+    page = build_report(store, example_column=example_column, max_rows=max_rows)
+    store.put_bytes(layout.REPORT, page.encode("utf-8"))
+    log.info("report %s written (%.1fs)", store.uri(layout.REPORT), time.perf_counter() - t0)
+    return store.uri(layout.REPORT)
+
+
+__all__ = [
+    "MAX_ROWS",
+    "N_DUPLICATES",
+    "N_EXAMPLES",
+    "REPORT_KEY",
+    "THUMB_PX",
+    "TOP_CLUSTERS",
+    "Duplicate",
+    "Example",
+    "ReportData",
+    "build_report",
+    "collect",
+    "label_rows",
+    "render_html",
+    "stage_timings",
+    "write_report",
+]

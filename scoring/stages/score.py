@@ -1,0 +1,198 @@
+"""Stage `score`: what one worker does with one shard.
+
+`score_shard` reads (or embeds) a shard, finds each row's nearest prototype and writes
+scores/shard-NNNNNN.parquet (sorted by cluster, so the reduce reads cluster ranges by row
+group), its id hashes (duplicate-id check) and, for dedup, its embeddings; then its marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from scoring import commit, layout
+from scoring.config import RunConfig
+from scoring.errors import BadInput
+from scoring.inputs.parquet import Shard, embedding_matrix, read_shard_columns
+from scoring.kernels.assign import NearestPrototype
+from scoring.kernels.devices import normalize
+from scoring.kernels.radix import random_key
+from scoring.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    shard: int
+    rows: int
+    seconds: float
+    sha256: str
+
+
+def load_embeddings(cfg: RunConfig, in_store: Store, shard: Shard, pf=None):
+    """(ids as pyarrow Array, float32 [n, d] embeddings) of a shard, validated."""
+    where = f"{in_store.uri(shard.file)} (shard {shard.index})"
+    cols = [cfg.id_column, cfg.embedding_column]
+    return table_embeddings(cfg, read_shard_columns(in_store, shard, cols, where, pf), where)
+
+
+def table_embeddings(cfg: RunConfig, table: pa.Table, where: str):
+    """(ids, float32 [n, d]) of a table read from the input, validated."""
+    ids = table[cfg.id_column].combine_chunks()
+    if ids.null_count:
+        raise BadInput(f"{where}: column '{cfg.id_column}' has {ids.null_count} null id(s)")
+    x = embedding_matrix(table[cfg.embedding_column], where, cfg.embedding_column)
+    check_finite(x, ids, where, cfg.embedding_column)
+    return ids, x
+
+
+def check_finite(x: np.ndarray, ids: pa.Array, where: str, column: str) -> None:
+    # A NaN/inf anywhere in a row makes its sum of squares non-finite: one read pass, no
+    # n x d boolean temporary; the exact row is searched only when something is wrong.
+    if x.size and not np.isfinite(np.einsum("ij,ij->i", x, x)).all() and not np.isfinite(x).all():
+        row = int(np.nonzero(~np.isfinite(x).all(axis=1))[0][0])
+        raise BadInput(
+            f"{where}: column '{column}' has NaN or inf in the embedding of id {ids[row].as_py()!r}"
+        )
+
+
+def scores_table(
+    ids: pa.Array, cluster: np.ndarray, dist: np.ndarray, second: np.ndarray
+) -> pa.Table:
+    """The score table of a shard, sorted by cluster (stable)."""
+    order = np.argsort(cluster, kind="stable")
+    dist = dist + np.float32(0.0)  # fold -0.0 into 0.0
+    margin = (second - dist).astype(np.float32)
+    return pa.table(
+        {
+            # layout.SCORE_COLUMNS
+            "id": ids.take(pa.array(order)),
+            "cluster": pa.array(cluster[order], pa.int32()),
+            "distance": pa.array(dist[order], pa.float32()),
+            "margin": pa.array(margin[order], pa.float32()),
+        }
+    )
+
+
+def score_shard(
+    cfg: RunConfig,
+    in_store: Store,
+    run_store: Store,
+    shard: Shard,
+    searcher: NearestPrototype,
+    prototypes_sha: str,
+    source: Any = None,
+) -> ShardSummary:
+    """Score one shard and commit it: data first (scores, id hashes), marker last.
+
+    `source(shard) -> (ids, x)` embeds the shard (a scoring.embed.ShardEmbedder, or a closure
+    over prefetched data); None reads the precomputed embedding column.
+
+    A shard whose marker already names these prototypes is committed: its files are not
+    rewritten (a retry or a resumed run returns at once). The marker is create-only, so of two
+    racing attempts (a zombie worker and its retry) the first commit stands.
+    """
+    t0 = time.perf_counter()
+    old = commit.read_marker(run_store, layout.SCORES, shard.index)
+    if old is not None:
+        if old.get("prototypes_sha256") == prototypes_sha:
+            log.info("shard %d is already committed; not rewritten", shard.index)
+            return ShardSummary(shard.index, int(old.get("rows", 0)), 0.0, old.get("sha256", ""))
+    ids, x = source(shard) if source is not None else load_embeddings(cfg, in_store, shard)
+    if x.shape[1] != searcher.d:
+        raise BadInput(
+            f"{in_store.uri(shard.file)} (shard {shard.index}): column "
+            f"'{cfg.text_column or cfg.image_column or cfg.embedding_column}' "
+            f"has width {x.shape[1]}, the prototypes "
+            f"have {searcher.d}"
+        )
+    # Unit rows are needed only when the embeddings are saved (dedup compares them);
+    # otherwise the search divides the two best scores by the row norms (no n x d copy).
+    keep_x = cfg.save_embeddings or cfg.dedup_eps is not None
+    if cfg.metric == "cosine" and keep_x:
+        x = normalize(x)
+    cluster, dist, second = searcher.search(x, unit=cfg.metric != "cosine" or keep_x)
+    table = scores_table(ids, cluster, dist, second)
+    # issue 6: labels and embeddings, in exactly the score file's row order and row groups
+    order = np.argsort(cluster, kind="stable")
+    if cfg.label_column:
+        table = table.append_column(
+            layout.LABEL, read_labels(cfg, in_store, shard).take(pa.array(order))
+        )
+    emb_sha = None
+    if cfg.save_embeddings or cfg.dedup_eps is not None:
+        emb_sha = write_embeddings(run_store, shard.index, ids, x, order)
+    nbytes, sha = run_store.write_parquet(
+        layout.score_key(shard.index), table, row_group_size=layout.ROW_GROUP
+    )
+    write_id_hashes(run_store, shard.index, ids)
+    secs = time.perf_counter() - t0
+    fresh = commit.write_marker(
+        run_store,
+        layout.SCORES,
+        shard.index,
+        {
+            "rows": table.num_rows,
+            "sha256": sha,
+            "bytes": nbytes,
+            "prototypes_sha256": prototypes_sha,
+            "seconds": round(secs, 3),
+            "input": shard.file,
+            "row_groups": shard.to_json()["row_groups"],
+            "embeddings_sha256": emb_sha,
+        },
+    )
+    if not fresh:
+        log.warning("shard %d: another attempt committed first; its marker stands", shard.index)
+    return ShardSummary(shard.index, table.num_rows, secs, sha)
+
+
+def read_labels(cfg: RunConfig, in_store: Store, shard: Shard) -> pa.Array:
+    """The shard's label column (any type), in input row order."""
+    where = f"{in_store.uri(shard.file)} (shard {shard.index})"
+    t = read_shard_columns(in_store, shard, [cfg.label_column], where)
+    return t[cfg.label_column].combine_chunks()
+
+
+def write_embeddings(
+    run_store: Store, shard_index: int, ids: pa.Array, x: np.ndarray, order: np.ndarray
+) -> str:
+    """layout.embeddings_key(shard): (id, embedding fixed_size_list<float32>) in the score
+    file's row order and row groups (the embeddings the search used: unit rows for cosine)."""
+    x = np.ascontiguousarray(x[order], dtype=np.float32)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    t = pa.table({"id": ids.take(pa.array(order)), "embedding": emb})
+    _, sha = run_store.write_parquet(
+        layout.embeddings_key(shard_index), t, row_group_size=layout.ROW_GROUP
+    )
+    return sha
+
+
+ID_HASH_SEED = 0x1D5EED
+
+
+def id_hash(ids: pa.Array) -> np.ndarray:
+    """A deterministic, uniform 64-bit hash of each id: the `random` rule's key with a fixed
+    seed (splitmix64 for integer ids, keyed BLAKE2b-64 for string and binary ids)."""
+    return random_key(ids, ID_HASH_SEED)
+
+
+def write_id_hashes(run_store: Store, shard_index: int, ids: pa.Array) -> None:
+    """layout.ids_key(shard): (hash uint64, id, row), sorted by hash, row groups of 65,536 rows,
+    so a hash range can be read from every shard by row-group statistics."""
+    h = id_hash(ids)
+    order = np.argsort(h, kind="stable")
+    t = pa.table(
+        {
+            "hash": pa.array(h[order], pa.uint64()),
+            "id": ids.take(pa.array(order)),
+            "row": pa.array(order.astype(np.int64)),
+        }
+    )
+    run_store.write_parquet(layout.ids_key(shard_index), t, row_group_size=layout.ROW_GROUP)
