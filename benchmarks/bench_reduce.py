@@ -26,8 +26,7 @@ import pyarrow.compute as pc
 from _common import TreeMemory, bench_dir, gib, header, init_ray, loadavg, shutdown_ray
 
 from scoring.inputs.parquet import Shard
-from scoring.layout import ROW_GROUP
-from scoring.layout import score_key
+from scoring.layout import ROW_GROUP, score_key
 from scoring.stages.score import scores_table, write_id_hashes
 from scoring.storage import Store
 

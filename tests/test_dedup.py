@@ -181,8 +181,17 @@ def test_range_pass_with_tiny_blocks(ray_local, pool):
     for j in range(6):
         res = annotate_range(
             RangeTask(
-                runs, shards, 200 + j, j, j + 1, 6, bins, 0.002,
-                block=5, stream_dim=16, memory=2 * 16 * 37,
+                runs,
+                shards,
+                200 + j,
+                j,
+                j + 1,
+                6,
+                bins,
+                0.002,
+                block=5,
+                stream_dim=16,
+                memory=2 * 16 * 37,
             )  # fmt: skip
         )
         t = runs.read_parquet(annotated_key(200 + j))

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from scoring import strategies
 from scoring.kernels.quotas import balanced_quotas, plan_cluster_ranges, select_per_cluster
 from scoring.kernels.radix import (
     ThresholdSearch,
@@ -17,7 +18,6 @@ from scoring.kernels.radix import (
     key_histogram,
     random_key,
 )
-from scoring import strategies
 from tests.helpers import ref_hash, reference_keep
 
 
@@ -27,6 +27,7 @@ def rule_key(strategy, distance, ids, seed):
 
 def key_bits(strategy):
     return strategies.get(strategy).key_bits
+
 
 STRATEGIES = ["hard", "easy", "random"]
 
