@@ -57,7 +57,8 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
 
     dedup = cfg.dedup_eps is not None
     dim = int(centroids.shape[1])
-    ranges = plan_cluster_ranges(st.counts, annotate.range_rows(st.counts, dedup, dim))
+    memory = annotate.DEDUP_MEMORY_FLOATS  # read here: the tasks get it as an argument
+    ranges = plan_cluster_ranges(st.counts, annotate.range_rows(dedup, dim, memory))
     extra["cluster_ranges"] = len(ranges)
 
     def quotas_of(counts, dist_sum, n):
@@ -72,7 +73,8 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     tasks = [
         annotate.RangeTask(
             store, idx, part, lo, hi, k, bins, cfg.dedup_eps, quotas_now, global_rule, cfg.seed,
-            stream_dim=annotate.stream_dim(st.counts, lo, hi, dedup, dim),
+            stream_dim=annotate.stream_dim(st.counts, lo, hi, dedup, dim, memory),
+            memory=memory,
         )
         for part, (lo, hi) in enumerate(ranges)
     ]  # fmt: skip

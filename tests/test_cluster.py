@@ -448,7 +448,7 @@ class TestRayJobSubmit:
         assert os.path.exists(os.path.join(head.tmp, "ray_current_cluster"))
         code = (
             "import sys, ray\n"
-            "from ray_jobs.driver import ensure_ray\n"
+            "from ray_jobs.scheduler import ensure_ray\n"
             "ensure_ray(sys.argv[1] or None)\n"
             "print('GCS', ray.get_runtime_context().gcs_address.rsplit(':', 1)[1])\n"
             "ray.shutdown()\n"

@@ -79,11 +79,11 @@ def pool(tmp_path_factory):
     "strategy,fraction", [("hard", 0.45), ("balanced", 0.45), ("random", 0.95)]
 )
 def test_end_to_end_dedup_then_rule(ray_local, pool, strategy, fraction, monkeypatch):
-    from ray_jobs import driver
     from ray_jobs.driver import run
+    from scoring.stages import annotate
 
     if strategy == "hard":  # every cluster "larger than memory": the streamed path
-        monkeypatch.setattr(driver, "DEDUP_RANGE_FLOATS", 16 * 100)
+        monkeypatch.setattr(annotate, "DEDUP_MEMORY_FLOATS", 16 * 100)
 
     tmp, x, ids = pool
     eps = 0.002

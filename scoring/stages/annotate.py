@@ -72,16 +72,17 @@ class RangeResult:
         return RangeResult(z, np.zeros(k, np.float64), z.copy())
 
 
-def range_rows(counts: np.ndarray, dedup: bool, dim: int) -> int:
-    """Rows per cluster range: RANGE_ROWS, fewer with dedup (the range's embeddings in memory)."""
+def range_rows(dedup: bool, dim: int, memory: int) -> int:
+    """Rows per cluster range: RANGE_ROWS, fewer with dedup (the range's `memory` floats of
+    embeddings)."""
     if dedup and dim:
-        return max(1, min(RANGE_ROWS, DEDUP_MEMORY_FLOATS // dim))
+        return max(1, min(RANGE_ROWS, memory // dim))
     return RANGE_ROWS
 
 
-def stream_dim(counts: np.ndarray, lo: int, hi: int, dedup: bool, dim: int) -> int | None:
-    """The embedding width when range [lo, hi) is one cluster too large for memory."""
-    big = dedup and hi - lo == 1 and int(counts[lo]) * dim > DEDUP_MEMORY_FLOATS
+def stream_dim(counts: np.ndarray, lo: int, hi: int, dedup: bool, dim: int, memory: int):
+    """The embedding width when range [lo, hi) is one cluster of more than `memory` floats."""
+    big = dedup and hi - lo == 1 and int(counts[lo]) * dim > memory
     return dim if big else None
 
 
