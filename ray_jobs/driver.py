@@ -20,7 +20,7 @@ from ray_jobs.progress import Progress
 from ray_jobs.progress import configure as configure_progress
 from scoring import commit, layout
 from scoring.config import RunConfig
-from scoring.errors import BadInput, RunFailed, UserError
+from scoring.errors import BadInput, RunFailed, user_cause
 from scoring.plan import RunPlan, check_resume, plan_input, run_doc
 from scoring.stages.sample import SampleTask, digest_task, sample_task
 from scoring.storage import Store
@@ -160,7 +160,6 @@ class Run:
                 )
 
             self.pool = sch.ActorPool(make, n, None, self.cfg.max_retries)
-            self.use_gpu = gpu
         return self.pool
 
     def close_pool(self) -> None:
@@ -232,8 +231,8 @@ class Run:
             task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(fit_task)
             return ray.get(task.remote(self.cfg, self.store, parts, names, gpu))
         except Exception as e:  # noqa: BLE001 - classified here
-            cause = getattr(e, "cause", None) or e
-            if not isinstance(cause, UserError):
+            cause = user_cause(e)
+            if cause is None:
                 raise
             commit.record_failure(self.store, layout.PROTOTYPES, "fit", {"error": str(cause)})
             raise RunFailed(f"prototypes failed, no manifest committed: {cause}") from None

@@ -129,7 +129,7 @@ def retry_io(
             log.warning(
                 "transient error on %s (%s); retry %d in %.2fs",
                 what,
-                str(exc).splitlines()[0][:200],
+                first_line(exc, 200),
                 attempt + 1,
                 delay,
             )

@@ -299,14 +299,19 @@ def fixed_width(schemas, column: str) -> int | None:
     return widths.pop() if len(widths) == 1 else None
 
 
-def groups_overlapping(pf, column: str, lo, hi) -> list[int]:
-    """Row groups of a file sorted by `column` whose statistics may hold values in [lo, hi)
+def groups_matching(pf, column: str, may_hold) -> list[int]:
+    """Row groups whose `column` statistics (min, max) `may_hold(min, max)` what is wanted
     (all groups without statistics)."""
     col = pf.schema_arrow.get_field_index(column)
     md = pf.metadata
     out = []
     for g in range(md.num_row_groups):
         st = md.row_group(g).column(col).statistics
-        if st is None or not st.has_min_max or (st.max >= lo and st.min < hi):
+        if st is None or not st.has_min_max or may_hold(st.min, st.max):
             out.append(g)
     return out
+
+
+def groups_overlapping(pf, column: str, lo, hi) -> list[int]:
+    """Row groups of a file sorted by `column` that may hold values in [lo, hi)."""
+    return groups_matching(pf, column, lambda a, b: b >= lo and a < hi)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from scoring import commit, layout
-from scoring.inputs.parquet import prefetch_groups
+from scoring.inputs.parquet import groups_matching, prefetch_groups
 from scoring.storage import Store
 
 ID, CLUSTER, DISTANCE = layout.SCORE_COLUMNS[:3]
@@ -52,13 +52,7 @@ def iter_row_groups(store: Store, key: str, columns: list[str]):
 
 def groups_with_clusters(pf, wanted) -> list[int]:
     """Row groups whose `cluster` statistics may hold one of the wanted clusters."""
-    col = pf.schema_arrow.get_field_index(CLUSTER)
-    out = []
-    for g in range(pf.metadata.num_row_groups):
-        st = pf.metadata.row_group(g).column(col).statistics
-        if st is None or not st.has_min_max or any(st.min <= j <= st.max for j in wanted):
-            out.append(g)
-    return out
+    return groups_matching(pf, CLUSTER, lambda a, b: any(a <= j <= b for j in wanted))
 
 
 def distance_range(store: Store, keys: list[str], metric: str) -> tuple[float, float]:
