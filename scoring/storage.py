@@ -11,130 +11,21 @@ shipped to Ray workers and each process opens its own connection pool.
 
 from __future__ import annotations
 
-import bisect
-import errno
 import hashlib
 import io
 import logging
 import os
-import random
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from scoring.errors import BadInput, NotFound, StoreError, first_line
+from scoring.ranged import RangedFile
+from scoring.retry import is_transient, retry_io
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_PERMANENT_ERRNOS = {
-    errno.ENOENT,
-    errno.EACCES,
-    errno.EPERM,
-    errno.EISDIR,
-    errno.ENOTDIR,
-    errno.EEXIST,
-    errno.EROFS,
-    errno.ENOSPC,
-}
-
-
-# Remote Parquet reads (see RangedFile): byte ranges closer than RANGE_GAP_BYTES are merged
-# into one request, and merged ranges are fetched concurrently in parts of at most
-# RANGE_PART_BYTES, so a shard is usually one GET. Parallelism comes from the shards in flight
-# (2 per actor, many actors per node), not from splitting one shard; every extra request pays
-# the store's latency (and, on the moto test server, a copy of the whole object: 16 MB parts
-# made a 192 MB shard read 6x slower there, docs/scale.md).
-RANGE_GAP_BYTES = 1 << 20
-RANGE_PART_BYTES = 256 << 20
-FOOTER_READ_BYTES = 64 << 10  # pyarrow's own first footer read
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: throttling, 5xx, timeouts, dropped connections."""
-    if isinstance(
-        exc,
-        (
-            FileNotFoundError,
-            PermissionError,
-            IsADirectoryError,
-            NotADirectoryError,
-            FileExistsError,
-            StoreError,
-        ),
-    ):
-        return False
-    text = f"{type(exc).__name__} {exc}"
-    markers = (
-        "SlowDown",
-        "Throttl",
-        "RequestTimeout",
-        "InternalError",
-        "ServiceUnavailable",
-        "503",
-        "500 ",
-        "502",
-        "504",
-        "Connection reset",
-        "ConnectionReset",
-        "ConnectionError",
-        "ClientConnector",
-        "ServerDisconnected",
-        "ReadTimeout",
-        "timed out",
-        "Timeout",
-        "IncompleteRead",
-        "Broken pipe",
-        "EndpointConnection",
-        "ResponseStreamingError",
-        "RemoteDisconnected",
-        "ClientPayloadError",
-        # s3fs turns botocore errors into OSError(errno, message): 503 SlowDown arrives as
-        # OSError(EBUSY, 'Please reduce your request rate.') or 'Service Unavailable'.
-        "reduce your request rate",
-        "Service Unavailable",
-        "Internal Server Error",
-        "Bad Gateway",
-        "Gateway Timeout",
-    )
-    if any(m in text for m in markers):
-        return True
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return exc.errno not in _PERMANENT_ERRNOS and exc.errno in {
-            errno.ECONNRESET,
-            errno.ECONNREFUSED,
-            errno.ETIMEDOUT,
-            errno.EPIPE,
-            errno.EAGAIN,
-            errno.EBUSY,  # s3fs: SlowDown / throttling
-        }
-    return False
-
-
-def retry_io(
-    fn: Callable[[], T], what: str, attempts: int = 6, base: float = 0.2, cap: float = 10.0
-) -> T:
-    """Call fn, retrying transient IO errors with exponential backoff and full jitter."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc) or attempt == attempts - 1:
-                raise
-            delay = random.uniform(0, min(cap, base * 2**attempt))
-            log.warning(
-                "transient error on %s (%s); retry %d in %.2fs",
-                what,
-                first_line(exc, 200),
-                attempt + 1,
-                delay,
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -509,103 +400,3 @@ def _create_only_local_write(path: str, data: bytes) -> bool:
         return False
     finally:
         os.unlink(tmp)
-
-
-def merge_ranges(
-    spans: Iterable[tuple[int, int]], gap: int | None = None, part: int | None = None
-) -> list[tuple[int, int]]:
-    """Sorted [start, end) spans merged when closer than `gap`, then cut into parts of at most
-    `part` bytes: the requests to fetch them with."""
-    gap = RANGE_GAP_BYTES if gap is None else gap
-    part = RANGE_PART_BYTES if part is None else part
-    merged: list[list[int]] = []
-    for a, b in sorted((int(a), int(b)) for a, b in spans if b > a):
-        if merged and a - merged[-1][1] <= gap:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return [(x, min(b, x + part)) for a, b in merged for x in range(a, b, part)]
-
-
-class RangedFile(io.RawIOBase):
-    """A read-only file over one remote object that serves reads from byte ranges fetched
-    ahead (`prefetch`: a few large concurrent requests) and fetches anything else with one
-    ranged GET per read. pyarrow reads a column chunk with one read, so a prefetched
-    row-group read costs exactly the prefetch requests."""
-
-    def __init__(self, store: Store, key: str, size: int):
-        super().__init__()
-        self.store, self.key, self.size = store, key, int(size)
-        self.pos = 0
-        self.parts: list[tuple[int, bytes]] = []  # (offset, bytes), sorted by offset
-        self.fetches = 0  # reads not served from prefetched parts (for tests and benchmarks)
-        self.prefetch([(max(0, self.size - FOOTER_READ_BYTES), self.size)])
-
-    def python_file(self):
-        import pyarrow as pa
-
-        return pa.PythonFile(self, mode="r")
-
-    def prefetch(self, spans: Iterable[tuple[int, int]]) -> None:
-        """Fetch these [start, end) byte spans (merged, in parts, concurrently) for later reads."""
-        ranges = merge_ranges((max(0, a), min(self.size, b)) for a, b in spans)
-        ranges = [r for r in ranges if not self._find(*r)]
-        data = self.store.get_ranges(self.key, ranges)
-        for (a, b), d in zip(ranges, data):
-            if len(d) != b - a:
-                raise OSError(
-                    errno.EIO, f"{self.store.uri(self.key)}: short read at {a} ({len(d)} bytes)"
-                )
-        new = [(a, d) for (a, _), d in zip(ranges, data)]
-        self.parts = sorted(self.parts + new, key=lambda p: p[0])
-
-    def _find(self, a: int, b: int) -> bytes | memoryview | None:
-        """The bytes [a, b) when fetched parts hold them all (a view when one part does)."""
-        i = bisect.bisect_right(self.parts, a, key=lambda p: p[0]) - 1
-        pieces, at = [], a
-        while at < b:  # across contiguous parts (a merged range fetched in several requests)
-            if i < 0 or i >= len(self.parts):
-                return None
-            start, d = self.parts[i]
-            if not start <= at < start + len(d):
-                return None
-            pieces.append(memoryview(d)[at - start : b - start])  # no copy
-            at = start + len(d)
-            i += 1
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # type: ignore[return-value]
-
-    # -- io.RawIOBase ------------------------------------------------------------------------
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes | memoryview:
-        a = self.pos
-        b = self.size if n is None or n < 0 else min(self.size, a + n)
-        if b <= a:
-            return b""
-        d = self._find(a, b)
-        if d is None:
-            self.fetches += 1
-            d = self.store.get_range(self.key, a, b)
-        self.pos = a + len(d)
-        return d
-
-    def readinto(self, buf) -> int:
-        d = self.read(len(buf))
-        buf[: len(d)] = d
-        return len(d)
-
-    def close(self) -> None:
-        self.parts = []
-        super().close()

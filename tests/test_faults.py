@@ -19,7 +19,8 @@ import pytest
 from ray_jobs import cli
 from ray_jobs.driver import run
 from scoring.config import make_config
-from scoring.storage import Store, is_transient
+from scoring.retry import is_transient
+from scoring.storage import Store
 from tests.helpers import clustered, write_dataset
 from tests.s3proxy import FaultProxy
 

@@ -1,5 +1,5 @@
 """Remote Parquet reads: a shard's column chunks are fetched as a few large ranged GETs
-(scoring.storage.RangedFile) and decoded exactly as pyarrow decodes the whole local file."""
+(scoring.ranged.RangedFile) and decoded exactly as pyarrow decodes the whole local file."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import scoring.storage as storage
+from scoring import ranged as ranged_module
 from scoring.inputs.parquet import Shard, column_chunk_spans, read_shard
-from scoring.storage import RangedFile, Store, merge_ranges
+from scoring.ranged import RangedFile, merge_ranges
+from scoring.storage import Store
 
 
 def test_merge_ranges_merges_close_spans_and_cuts_parts():
@@ -68,8 +69,8 @@ def test_s3_shard_read_equals_local_read(s3_server, tmp_path, monkeypatch, compr
         ((1, 3), ["a.b", "id"]),  # a dotted name (and its prefix 'a' is not read)
         ((0, 4), list(table.column_names)),
     ]
-    for part_bytes in (storage.RANGE_PART_BYTES, 20_000):  # one GET; many contiguous parts
-        monkeypatch.setattr(storage, "RANGE_PART_BYTES", part_bytes)
+    for part_bytes in (ranged_module.RANGE_PART_BYTES, 20_000):  # one GET; many contiguous parts
+        monkeypatch.setattr(ranged_module, "RANGE_PART_BYTES", part_bytes)
         for row_groups, cols in cases:
             calls.clear()
             sh = Shard(index=0, file="f.parquet", row_groups=row_groups, rows=0, row_offset=0)
