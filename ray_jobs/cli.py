@@ -63,6 +63,18 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
         "SemDeDup: drop rows with cosine >= 1 - eps to a harder row of their cluster",
     ),
     ("--dbp-temperature", "dbp_temperature", float, "DBP softmax temperature (default 0.5)"),
+    (
+        "--prototypes-from",
+        "prototypes_from",
+        str,
+        "use the prototypes of a committed run (or a centroids.npy) instead of fitting",
+    ),
+    (
+        "--reuse-scores-from",
+        "reuse_scores_from",
+        str,
+        "copy the committed scores of unchanged shards from this run (same prototypes)",
+    ),
     ("--label-column", "label_column", str, "label column: per-label counts before/after pruning"),
     ("--log-format", "log_format", str, "text (default) or json"),
     ("--workers", "workers", int, "scoring actors (default: one per GPU, else one per CPU)"),
@@ -249,6 +261,8 @@ def format_status(st: dict[str, Any]) -> str:
     for stage, label in names.items():
         s = st["stages"][stage]
         extra = f"  rows {s['rows_done']}" if "rows_done" in s else ""
+        if s.get("reused"):
+            extra += f"  reused {s['reused']} (scored {s['done'] - s['reused']})"
         lines.append(
             f"{label:<16}done {s['done']}/{s['units']}  pending {s['pending']}  "
             f"failed {s['failed']}{extra}"

@@ -22,6 +22,7 @@ from scoring import commit, layout
 from scoring.config import RunConfig
 from scoring.errors import BadInput, RunFailed, user_cause
 from scoring.plan import RunPlan, check_resume, plan_input, run_doc
+from scoring.stages import reuse
 from scoring.stages.sample import SampleTask, digest_task, sample_task
 from scoring.storage import Store
 
@@ -59,6 +60,10 @@ class Run:
     def plan(self) -> None:
         t0 = time.perf_counter()
         self.plan_: RunPlan = plan_input(self.cfg, self.in_store)
+        self.source = None
+        if self.cfg.prototypes_from:  # frozen prototypes: checked before anything is written
+            self.source = reuse.load_prototypes(self.cfg.prototypes_from, self.cfg.storage_options)
+            reuse.check_source(self.cfg, self.source, self.plan_.embedding_width)
         self.timings["plan"] = time.perf_counter() - t0
         self.open_run_folder()
 
@@ -173,6 +178,10 @@ class Run:
         if got is not None:
             log.info("prototypes already committed (sha256 %s)", got[1][:12])
             return got
+        if self.source is not None:
+            reuse.commit_prototypes(self.store, self.source)
+            log.info("prototypes from %s (sha256 %s)", self.source.url, self.source.sha256[:12])
+            return commit.load_committed(self.store)
         t0 = time.perf_counter()
         cfg = self.cfg
         counts = self.plan_.sample_counts(cfg)
@@ -247,6 +256,8 @@ class Run:
             log.warning("shard %d: marker names other prototypes; redoing it", i)
             self.store.delete(layout.marker_key(layout.SCORES, i))
         todo = [s for s in self.shards if s.index not in done]
+        if self.cfg.reuse_scores_from and todo:
+            todo = self.reuse_scores(todo, sha)
         log.info("score: %d shards committed, %d to do", len(done), len(todo))
         if not todo:
             self.close_pool()
@@ -270,6 +281,24 @@ class Run:
         self.close_pool()
         self.cached = {}
         self.timings["score"] = prog.close()
+
+    def reuse_scores(self, todo: list, sha: str) -> list:
+        """Copy the committed scores of the unchanged shards of --reuse-scores-from; return
+        the shards left to score."""
+        old = Store(self.cfg.reuse_scores_from, self.cfg.storage_options)
+        plan = reuse.plan_reuse(self.cfg, old, todo, self.in_store, self.plan_.fingerprint, sha)
+        emb = self.cfg.save_embeddings or self.cfg.dedup_eps is not None
+        tasks = [
+            reuse.ReuseTask(old, self.store, plan[s.index], s, emb, old.uri())
+            for s in todo
+            if s.index in plan
+        ]
+        for _ in sch.map_tasks(
+            reuse.reuse_shard, tasks, 4 * sch.cluster_cpus(), "reuse", self.quiet
+        ):
+            pass
+        log.info("score: %d shards reused from %s", len(tasks), old.uri())
+        return [s for s in todo if s.index not in plan]
 
     def commit(self, doc: dict[str, Any]) -> None:
         doc["timings_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
@@ -297,6 +326,17 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     doc = reduce(r, centroids, sha)
     r.timings["reduce"] = time.perf_counter() - t0
+    if cfg.prototypes_from:
+        doc["prototypes_from"] = {"url": cfg.prototypes_from, "sha256": sha}
+    if cfg.reuse_scores_from:
+        marks = commit.current(commit.committed(r.store, layout.SCORES), sha)
+        doc["reuse"] = {"from": cfg.reuse_scores_from, **reuse.drift(marks)}
+        if doc["reuse"]["drift_warning"]:
+            log.warning(
+                "the new rows sit %.2fx farther from the prototypes than the reused ones; the "
+                "prototypes may no longer fit the data: consider a refit (a run without "
+                "--prototypes-from)", doc["reuse"]["drift_ratio"],
+            )  # fmt: skip
     r.commit(doc)
     write_report_logged(r.store)
     return doc

@@ -33,6 +33,7 @@ _NOT_HASHED = frozenset(
         "quiet",
         "log_format",
         "max_retries",
+        "reuse_scores_from",  # reused shards are the bytes a fresh score would write
     }
 )
 # Keys whose values are never written anywhere (run.json, logs, errors).
@@ -68,6 +69,9 @@ class RunConfig:
     keep_fraction: float | None = None  # default 0.5 when neither fraction nor count is given
     keep_count: int | None = None
     dedup_eps: float | None = None  # SemDeDup before the rule (issue 6)
+    # growing datasets (issue 15): frozen prototypes, and committed scores of an older run
+    prototypes_from: str | None = None  # a committed run folder or a centroids.npy file
+    reuse_scores_from: str | None = None  # a run folder whose unchanged shards are copied
     dbp_temperature: float = 0.5
     label_column: str | None = None
     workers: int | None = None  # None: one per GPU, else one per CPU
@@ -136,7 +140,10 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise BadConfig(f"config key '{name}': expected an integer (got {v!r})")
-    for name in ("run_id", "text_column", "image_column", "model", "label_column", "address"):
+    for name in (
+        "run_id", "text_column", "image_column", "model", "label_column", "address",
+        "prototypes_from", "reuse_scores_from",
+    ):  # fmt: skip
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, str):  # e.g. YAML `run_id: 2026` is an int
             raise BadConfig(f"config key '{name}': expected a string (got {v!r})")
@@ -259,6 +266,14 @@ def make_config(settings: Mapping[str, Any], source: str = "config") -> RunConfi
         settings["run_id"] = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     if settings.get("storage_options") is None:
         settings["storage_options"] = {}
+    if settings.get("prototypes_from") and ("k" not in settings or "metric" not in settings):
+        # frozen prototypes bring their k (and the metric they were fitted with)
+        from scoring.stages.reuse import load_prototypes
+
+        src = load_prototypes(settings["prototypes_from"], settings["storage_options"])
+        settings.setdefault("k", int(src.centroids.shape[0]))
+        if src.metric:
+            settings.setdefault("metric", src.metric)
     unknown = set(settings) - set(FIELDS)
     if unknown:
         raise BadConfig(f"{source}: unknown key '{sorted(unknown)[0]}'")

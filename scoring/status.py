@@ -80,6 +80,7 @@ def run_status(store: Store) -> dict[str, Any]:
         "failed": len(failed_idx),
         "pending": n_shards - len(done) - len(failed_idx - set(done)),
         "rows_done": int(sum(m.get("rows", 0) for m in done.values())),
+        "reused": sum(1 for m in done.values() if m.get("reused_from")),
         "failures": score_fail,
     }
     red_fail = [] if committed_manifest else fail_list(layout.REDUCE)

@@ -316,6 +316,18 @@ class Store:
 
         self._wrap(_do, key, "delete")
 
+    def copy_to(self, key: str, dst: Store, dst_key: str) -> None:
+        """Copy one object to `dst_key` of another Store, whole or not at all: server-side on
+        one object store, a hard link (else a copy) on local disk, else a read and a put."""
+        if self.scheme == dst.scheme and self.storage_options == dst.storage_options:
+            src, out = self.path(key), dst.path(dst_key)
+            if self.is_local:
+                self._wrap(lambda: _link_or_copy(src, out), key, "copy")
+                return
+            self._wrap(lambda: self.fs.copy(src, out), key, "copy")
+            return
+        dst.put_bytes(dst_key, self.get_bytes(key))
+
     def check_writable(self) -> None:
         """Fail fast, naming the URL, when the root cannot be written (e.g. missing bucket)."""
         probe = f"_probe-{uuid.uuid4().hex}"
@@ -389,6 +401,20 @@ def _write_temp(path: str, data: bytes) -> str:
 
 def _atomic_local_write(path: str, data: bytes) -> None:
     os.replace(_write_temp(path, data), path)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """dst becomes src's bytes atomically: a hard link (same file system), else a copy, made
+    under a temp name and renamed."""
+    import shutil
+
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _create_only_local_write(path: str, data: bytes) -> bool:

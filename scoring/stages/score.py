@@ -146,6 +146,7 @@ def score_shard(
             "input": shard.file,
             "row_groups": shard.to_json()["row_groups"],
             "embeddings_sha256": emb_sha,
+            "distance_sum": float(dist.astype(np.float64).sum()),  # drift of a later update
         },
     )
     if not fresh:
