@@ -19,6 +19,13 @@ CASES = {
         ["--rows", "20000", "--dim", "16", "--k", "20", "--sample", "2000", "--files", "2"],
         ["[local] protoprune (auto)", "[s3] protoprune (auto)", "| s3 | auto |"],
     ),
+    "bench_update.py": (
+        ["--rows", "40000", "--files", "4", "--shard-rows", "5000", "--k", "20"],
+        [
+            "update / full rerun",
+            "keep list of the update == fresh run with the same prototypes: True",
+        ],
+    ),
     "bench_reduce.py": (
         ["--rows", "200000", "--shards", "4", "--k", "50"],
         ["hard: ", "balanced: ", "exact on 20 clusters", "bare balanced"],

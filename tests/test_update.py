@@ -15,6 +15,7 @@ from ray_jobs import cli
 from ray_jobs.driver import run
 from scoring import commit, layout
 from scoring.config import make_config
+from scoring.status import run_status
 from scoring.storage import Store
 from tests.helpers import clustered, emb_array, read_all, reference_keep
 
@@ -86,6 +87,9 @@ def check_update(root: str, x: np.ndarray) -> None:
         assert {marks[i]["input"] for i in reused} == set(a)
         assert upd["reuse"]["shards_reused"] == 4 and upd["reuse"]["shards_scored"] == 2
         assert upd["reuse"]["rows_reused"] == 1600 and upd["reuse"]["rows_new"] == 800
+        assert not upd["reuse"]["drift_warning"]  # B is drawn like A
+        st = run_status(su)["stages"]["scores"]
+        assert st["reused"] == 4 and st["done"] == 6
         # the same prototypes, byte for byte
         assert su.get_bytes(layout.CENTROIDS) == Store(v1).get_bytes(layout.CENTROIDS)
         assert upd["prototypes_sha256"] == commit.load_committed_marker(Store(v1))["sha256"]
@@ -182,3 +186,21 @@ def test_prototypes_from_a_npy_file(committed_run, capsys):
     assert cli.main(["status", str(root / "runs" / "npy")]) == 0
     out = capsys.readouterr().out
     assert "scores          done 2/2" in out and "reused" not in out
+
+
+def test_drift_is_recorded_and_the_report_warns(tmp_path, ray_s3):
+    """New rows unlike the old ones (other clusters): the manifest records both mean
+    distances and the report suggests a refit."""
+    inp, out = str(tmp_path / "in"), str(tmp_path / "runs")
+    x = np.vstack([clustered(N, D, K, seed=9), clustered(600, D, K, seed=1234)])
+    write_files(inp, x, {"a0.parquet": np.arange(0, N)})
+    run(make_config(settings(inp, out, "v1", k=K)))
+    write_files(inp, x, {"b0.parquet": np.arange(N, N + 600)})
+    v1 = f"{out}/v1"
+    doc = run(make_config(settings(inp, out, "drift", prototypes_from=v1, reuse_scores_from=v1)))
+    r = doc["reuse"]
+    assert r["shards_reused"] == 6 and r["shards_scored"] == 2
+    assert r["drift_warning"] and r["drift_ratio"] > 1.25
+    assert r["mean_distance_new"] > r["mean_distance_reused"] > 0
+    page = Store(f"{out}/drift").get_bytes(layout.REPORT).decode()
+    assert "<b>Drift:</b>" in page and "consider a refit" in page

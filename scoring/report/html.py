@@ -25,7 +25,7 @@ SHOWN = {
     "format_version", "run_id", "config_hash", "code_version", "strategy", "metric", "k",
     "rows_in", "rows_kept", "n_keep", "clusters", "files", "annotated", "timings_seconds",
     "committed_at", "labels", "dedup", "threshold", "select_passes", "percentile",
-    "cluster_ranges", "prototypes_sha256",
+    "cluster_ranges", "prototypes_sha256", "reuse", "prototypes_from",
 }  # fmt: skip
 COLUMN_NAMES = {
     ("dedup", "removed_per_cluster"): "duplicates removed",
@@ -78,6 +78,7 @@ def render_html(data: ReportData) -> str:
             f"{'committed' if data.prototypes_committed else 'not committed yet'}).</div>"
         )
     p.append(_cards(data))
+    p.append(_update(man))
     p += [f'<p class="note">{esc(n)}</p>' for n in data.notes]
     if not plt_ok:
         p.append('<p class="note">matplotlib is not installed: figures are left out.</p>')
@@ -109,6 +110,40 @@ def render_html(data: ReportData) -> str:
     p.append(_settings_table(data))
     p.append("</main></body></html>")
     return "\n".join(x for x in p if x)
+
+
+def _update(man: dict[str, Any]) -> str:
+    """An update of a growing dataset: where the prototypes and the reused scores came from,
+    shards reused and scored, and the drift of the new rows (a warning when they sit much
+    farther from the prototypes than the reused ones)."""
+    src, reuse = man.get("prototypes_from"), man.get("reuse")
+    if not src and not reuse:
+        return ""
+    p = ["<h2>Update</h2>"]
+    rows: list[list[Any]] = []
+    if src:
+        rows.append(["prototypes from", src.get("url", "")])
+    if reuse:
+        rows += [
+            ["scores reused from", reuse.get("from", "")],
+            ["shards reused / scored", f"{reuse['shards_reused']:,} / {reuse['shards_scored']:,}"],
+            ["rows reused / new", f"{reuse['rows_reused']:,} / {reuse['rows_new']:,}"],
+            ["mean distance of reused rows", _opt(reuse.get("mean_distance_reused"))],
+            ["mean distance of new rows", _opt(reuse.get("mean_distance_new"))],
+            ["new / reused", _opt(reuse.get("drift_ratio"))],
+        ]
+        if reuse.get("drift_warning"):
+            p.append(
+                '<div class="banner"><b>Drift:</b> the new rows sit '
+                f"{reuse['drift_ratio']:.2f}× farther from the prototypes than the reused "
+                "ones. The prototypes may no longer fit the data: consider a refit (a run "
+                "without --prototypes-from).</div>"
+            )
+    return "".join(p) + table(rows)
+
+
+def _opt(v: Any) -> str:
+    return "–" if v is None else fmt(v)
 
 
 def _cards(data: ReportData) -> str:
