@@ -95,10 +95,12 @@ def main() -> None:
     r = upd["reuse"]
     print(f"first run ({args.rows:,} rows): {t_first:.1f}s")
     print(f"full rerun over {full['rows_in']:,} rows: {t_full:.1f}s {full['timings_seconds']}")
+    print(f"  reduce passes: {full['reduce_seconds']}")
     print(
         f"update: {t_upd:.1f}s {upd['timings_seconds']}; shards reused {r['shards_reused']}, "
         f"scored {r['shards_scored']}; drift ratio {r['drift_ratio']:.3f}"
     )
+    print(f"  reduce passes: {upd['reduce_seconds']}")
     print(f"fresh run with the first run's prototypes: {t_ref:.1f}s")
     print(f"keep list of the update == fresh run with the same prototypes: {same}")
     print(f"ratio update / full rerun: {t_upd / t_full:.3f} (target <= 0.25)")

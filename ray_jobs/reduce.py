@@ -10,6 +10,7 @@ Memory is bounded by the largest cluster range, never by N (DESIGN §5).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import Any
 
@@ -36,7 +37,9 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     quiet = run.quiet
     # keep/ is not committed before the manifest: parts of an interrupted reduce go.
     store.delete(layout.KEEP)
+    clock = _Clock()
     check_duplicate_ids(run, idx, par)
+    clock("duplicate ids")
 
     groups = stats.shard_groups(idx, 2 * par)
     tasks = [stats.StatsTask(store, g, k) for g in groups]
@@ -54,11 +57,15 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
             prefixes, low_bits, sum(sch.map_tasks(stats.group_refine, tasks, par))
         )
     extra: dict[str, Any] = {"percentile": bins.info()}
+    clock("stats")
 
     dedup = cfg.dedup_eps is not None
     dim = int(centroids.shape[1])
     memory = annotate.DEDUP_MEMORY_FLOATS  # read here: the tasks get it as an argument
-    ranges = plan_cluster_ranges(st.counts, annotate.range_rows(dedup, dim, memory))
+    # at least `par` ranges when the data allows: one range per task in flight, none waiting
+    # for a last large one
+    max_rows = min(annotate.range_rows(dedup, dim, memory), max(1, -(-n // par)))
+    ranges = plan_cluster_ranges(st.counts, max_rows)
     extra["cluster_ranges"] = len(ranges)
 
     def quotas_of(counts, dist_sum, n):
@@ -104,6 +111,7 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
         if res.keep is not None:
             kept_parts.append(res.keep)
     m = int(surv.sum())
+    clock("annotate")
     parts = list(range(len(ranges)))
     if rule.per_cluster and dedup:
         q = quotas_of(surv, surv_dist, min(n_keep, m))
@@ -118,6 +126,8 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
         ]
         kept_parts += sch.map_tasks(keep.keep_part, tasks, par, "reduce: keep", quiet)
     kept = sum((r.kept for r in kept_parts), np.zeros(k, np.int64))
+    clock("keep")
+    extra["reduce_seconds"] = clock.seconds
     labels_kept: Counter = Counter()
     for r in kept_parts:
         labels_kept.update(r.labels)
@@ -160,6 +170,20 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
         "annotated": sorted(annotated),
         **extra,
     }
+
+
+class _Clock:
+    """Seconds of each pass of the reduce, logged and kept for the manifest."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.t, 3)
+        log.info("reduce: %s %.2fs", name, now - self.t)
+        self.t = now
 
 
 def global_threshold(

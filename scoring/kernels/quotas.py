@@ -37,17 +37,22 @@ def plan_cluster_ranges(counts: np.ndarray, max_rows: int) -> list[tuple[int, in
     return ranges
 
 
-def select_per_cluster(table: pa.Table, quotas: np.ndarray) -> pa.Table:
+def select_per_cluster(table: pa.Table, quotas: np.ndarray, presorted: bool = False) -> pa.Table:
     """Rows of `table` (all rows of some whole clusters) with the q_j hardest of each cluster.
 
     Hardest first = distance desc, id asc. `quotas` is indexed by global cluster id.
+    `presorted`: the table is already in (cluster asc, distance desc, id asc) order (an
+    annotated part), so it is not sorted again.
     """
     if table.num_rows == 0:
         return table
-    idx = pc.sort_indices(
-        table, sort_keys=[("cluster", "ascending"), ("distance", "descending"), ("id", "ascending")]
-    )
-    t = table.take(idx)
+    t = table
+    if not presorted:
+        idx = pc.sort_indices(
+            table,
+            sort_keys=[("cluster", "ascending"), ("distance", "descending"), ("id", "ascending")],
+        )
+        t = table.take(idx)
     cl = t["cluster"].to_numpy()
     starts = np.flatnonzero(np.r_[True, cl[1:] != cl[:-1]])
     first = np.repeat(starts, np.diff(np.r_[starts, len(cl)]))

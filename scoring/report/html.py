@@ -25,7 +25,7 @@ SHOWN = {
     "format_version", "run_id", "config_hash", "code_version", "strategy", "metric", "k",
     "rows_in", "rows_kept", "n_keep", "clusters", "files", "annotated", "timings_seconds",
     "committed_at", "labels", "dedup", "threshold", "select_passes", "percentile",
-    "cluster_ranges", "prototypes_sha256", "reuse", "prototypes_from",
+    "cluster_ranges", "prototypes_sha256", "reuse", "prototypes_from", "reduce_seconds",
 }  # fmt: skip
 COLUMN_NAMES = {
     ("dedup", "removed_per_cluster"): "duplicates removed",

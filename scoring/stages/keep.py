@@ -67,7 +67,8 @@ def write_keep(run_store: Store, part: int, kept: pa.Table, k: int) -> KeepResul
 
 
 def keep_quotas(run_store: Store, part: int, live: pa.Table, quotas, k: int) -> KeepResult:
-    return write_keep(run_store, part, select_per_cluster(live, quotas), k)
+    """The q_j hardest survivors of each cluster of an annotated part (already in rank order)."""
+    return write_keep(run_store, part, select_per_cluster(live, quotas, presorted=True), k)
 
 
 def read_part(run_store: Store, part: int) -> pa.Table | None:
