@@ -321,7 +321,8 @@ def test_label_section_of_a_real_run(dedup_run):
 
 def test_dedup_examples_from_a_subset_of_score_files(dedup_run):
     """Beyond max_rows the rows' shards are looked up in the chosen score files only: the
-    examples found there (with content) come first; the count is still exact (one part)."""
+    examples found there (with content) come first; the count is still exact (every part's
+    flag column is read)."""
     store, full, _, _ = dedup_run
     man = commit.read_manifest(store)
     d = report.collect(store, example_column="text", max_rows=1200)

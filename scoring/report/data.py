@@ -60,7 +60,7 @@ class ReportData:
     example_column: str | None = None
     example_note: str = ""
     duplicates: int | None = None  # rows flagged `duplicate` in annotated/ (scaled when subset)
-    duplicates_exact: bool = True  # every annotated part was read
+    duplicates_exact: bool = True  # every annotated part the manifest lists was read
     duplicate_examples: list[Duplicate] = field(default_factory=list)
     marker_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)

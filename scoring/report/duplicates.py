@@ -2,10 +2,10 @@
 
 The reduce writes `duplicate`, `max_similarity` and `duplicate_of` to annotated/ only (the
 committed score files are never rewritten), in rank order inside each cluster. Here: the
-number of flagged rows (every part's `duplicate` column, one row group at a time; an evenly
-spaced subset of the parts beyond `max_rows`, scaled), and a few flagged rows, each with the
-earlier-ranked row it duplicates and their similarity. When the page shows content, the rows'
-input shards are looked up in the score files already chosen for the figures (their row groups
+number of flagged rows (the `duplicate` column of every part, one row group at a time: exact)
+and a few flagged rows, drawn from an evenly spaced subset of the parts beyond `max_rows`, each
+with the earlier-ranked row it duplicates and their similarity. When the page shows content,
+the rows' input shards are looked up in the score files already chosen for the figures (their row groups
 of the rows' clusters, the id column only), and examples whose two rows were both found are
 shown first.
 """
@@ -58,15 +58,16 @@ def collect_duplicates(
         )
         return
     parts = [(key, pf.metadata.num_rows) for key, pf in pfs.items()]
-    chosen = subset(parts, max_rows)
-    groups = sum(pfs[key].metadata.num_row_groups for key, _ in chosen)
+    # examples from an evenly spaced subset of the parts beyond max_rows; the count from the
+    # (tiny, run-length encoded) flag column of every part, so it is always exact
+    chosen = {key for key, _ in subset(parts, max_rows)}
+    groups = sum(pfs[key].metadata.num_row_groups for key in chosen)
     per_group = max(1, math.ceil(N_CANDIDATES / max(groups, 1)))
-    flagged = read = 0
+    flagged = 0
     found: list[Duplicate] = []
-    for key, _ in chosen:
+    for key, _ in parts:
         pf = pfs[key]
-        if not set(EVIDENCE) <= set(pf.schema_arrow.names):
-            per_group = 0  # an older part without the evidence columns: counts only
+        examples = key in chosen and set(EVIDENCE) <= set(pf.schema_arrow.names)
         n_groups = pf.metadata.num_row_groups
         prefetch_groups(pf, range(n_groups), [layout.DUPLICATE])
         rows: list[dict[str, Any]] = []
@@ -75,20 +76,18 @@ def collect_duplicates(
             flag = flag.fill_null(False)
             n = int(pc.sum(flag).as_py() or 0)
             flagged += n
-            read += len(flag)
-            want = min(n, per_group, N_CANDIDATES - len(found) - len(rows))
+            want = min(n, per_group, N_CANDIDATES - len(found) - len(rows)) if examples else 0
             if want > 0:
                 t = read_groups(pf, [g], EVIDENCE).filter(flag)
                 take = np.unique(np.linspace(0, n - 1, want).round().astype(np.int64))
                 rows += t.take(pa.array(take)).to_pylist()
         found += _with_originals(pf, rows)
-    total = sum(r for _, r in parts)
-    data.duplicates = int(round(flagged * total / max(read, 1)))
-    data.duplicates_exact = len(chosen) == len(parts) == len(keys)
+    data.duplicates = flagged
+    data.duplicates_exact = len(parts) == len(keys)
     if len(chosen) < len(parts):
         data.notes.append(
-            f"Duplicates are counted in {len(chosen)} of {len(parts)} annotated parts (evenly "
-            "spaced) and scaled to all rows."
+            f"Duplicate examples are drawn from {len(chosen)} of {len(parts)} annotated parts "
+            "(evenly spaced); the count is over all parts."
         )
     if locate and found:
         _locate(store, score_files, [e for d in found for e in (d.row, d.of)])

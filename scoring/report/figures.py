@@ -16,6 +16,15 @@ REMOVED_COLOR = "#c7c7c7"
 LINE_COLOR = "#d62728"
 
 
+def _per_cluster_axes(ax, title: str) -> None:
+    """Labels of a rows-per-cluster plot (clusters ordered largest first)."""
+    ax.set_xlabel("clusters, largest first")
+    ax.set_ylabel("rows")
+    ax.set_title(title, fontsize=10)
+    ax.legend(frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
 def _plt():
     import matplotlib
 
@@ -72,11 +81,7 @@ def fig_clusters(data: ReportData) -> str | None:
         ax.fill_between(x, rows[order], step="mid", color=REMOVED_COLOR, label=grey)
         if data.cluster_kept is not None:
             ax.fill_between(x, data.cluster_kept[order], step="mid", color=KEPT_COLOR, label="kept")
-    ax.set_xlabel("clusters, largest first")
-    ax.set_ylabel("rows")
-    ax.set_title("cluster sizes", fontsize=10)
-    ax.legend(frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
+    _per_cluster_axes(ax, "cluster sizes")
     ax = axes[1]
     if data.cluster_kept is not None:
         nz = rows > 0
@@ -199,11 +204,7 @@ def fig_dedup(data: ReportData) -> str | None:
     else:
         ax.fill_between(x, rows[order], step="mid", color=REMOVED_COLOR, label="rows")
         ax.fill_between(x, removed[order], step="mid", color=LINE_COLOR, label="duplicates removed")
-    ax.set_xlabel("clusters, largest first")
-    ax.set_ylabel("rows")
-    ax.set_title("duplicates removed per cluster", fontsize=10)
-    ax.legend(frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
+    _per_cluster_axes(ax, "duplicates removed per cluster")
     ax = axes[1]
     nz = rows > 0
     ax.scatter(rows[nz], removed[nz] / rows[nz], s=14, color=LINE_COLOR)

@@ -279,7 +279,7 @@ def _dedup(data: ReportData, fig: str | None) -> str:
     k = len(data.cluster_rows) if data.cluster_rows is not None else None
     p = ["<h2>Duplicates removed</h2>"]
     if data.duplicates is not None:
-        est = "" if data.duplicates_exact else " (estimated from a subset of the parts)"
+        est = "" if data.duplicates_exact else " (some annotated parts are missing)"
         p.append(
             f"<p>{data.duplicates:,} rows are flagged <code>duplicate</code> in the annotated "
             f"parts{est}: each is within cosine similarity 1 − eps of an earlier-ranked "
