@@ -293,10 +293,7 @@ class Run:
             for s in todo
             if s.index in plan
         ]
-        for _ in sch.map_tasks(
-            reuse.reuse_shard, tasks, 4 * sch.cluster_cpus(), "reuse", self.quiet
-        ):
-            pass
+        list(sch.map_tasks(reuse.reuse_shard, tasks, 4 * sch.cluster_cpus(), "reuse", self.quiet))
         log.info("score: %d shards reused from %s", len(tasks), old.uri())
         return [s for s in todo if s.index not in plan]
 
@@ -326,17 +323,7 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     doc = reduce(r, centroids, sha)
     r.timings["reduce"] = time.perf_counter() - t0
-    if cfg.prototypes_from:
-        doc["prototypes_from"] = {"url": cfg.prototypes_from, "sha256": sha}
-    if cfg.reuse_scores_from:
-        marks = commit.current(commit.committed(r.store, layout.SCORES), sha)
-        doc["reuse"] = {"from": cfg.reuse_scores_from, **reuse.drift(marks)}
-        if doc["reuse"]["drift_warning"]:
-            log.warning(
-                "the new rows sit %.2fx farther from the prototypes than the reused ones; the "
-                "prototypes may no longer fit the data: consider a refit (a run without "
-                "--prototypes-from)", doc["reuse"]["drift_ratio"],
-            )  # fmt: skip
+    doc.update(reuse.update_record(cfg, r.store, sha))
     r.commit(doc)
     write_report_logged(r.store)
     return doc

@@ -214,7 +214,8 @@ def check_duplicate_ids(run, idx: list[int], par: int) -> None:
     """Find ids that occur more than once, by hash range: each task reads one range of the
     per-shard sorted id hashes (ids/shard-N.parquet) from every shard, so memory is bounded
     by the range, not by N. Fails the run naming the ids and where they occur."""
-    ranges = stats.hash_ranges(run.n_rows, annotate.RANGE_ROWS)
+    # like the cluster ranges: at least one hash range per task in flight
+    ranges = stats.hash_ranges(run.n_rows, min(annotate.RANGE_ROWS, max(1, -(-run.n_rows // par))))
     tasks = [stats.DuplicateIdsTask(run.store, idx, lo, hi) for lo, hi in ranges]
     total = 0
     examples: list[dict[str, Any]] = []

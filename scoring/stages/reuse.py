@@ -220,3 +220,24 @@ def drift(marks: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "drift_ratio": ratio,
         "drift_warning": bool(ratio is not None and ratio > DRIFT_WARN),
     }
+
+
+def update_record(cfg: RunConfig, store: Store, sha: str) -> dict[str, Any]:
+    """The manifest's `prototypes_from` and `reuse` of an update (nothing for other runs); logs
+    the drift warning."""
+    import logging
+
+    out: dict[str, Any] = {}
+    if cfg.prototypes_from:
+        out["prototypes_from"] = {"url": cfg.prototypes_from, "sha256": sha}
+    if cfg.reuse_scores_from:
+        marks = commit.current(commit.committed(store, layout.SCORES), sha)
+        out["reuse"] = r = {"from": cfg.reuse_scores_from, **drift(marks)}
+        if r["drift_warning"]:
+            logging.getLogger("protoprune").warning(
+                "the new rows sit %.2fx farther from the prototypes than the reused ones; the "
+                "prototypes may no longer fit the data: consider a refit (a run without "
+                "--prototypes-from)",
+                r["drift_ratio"],
+            )
+    return out
