@@ -105,7 +105,7 @@ def check_source(cfg: RunConfig, src: PrototypeSource, width: int | None) -> Non
 
 
 def commit_prototypes(store: Store, src: PrototypeSource) -> str:
-    """prototypes/centroids.npy = the source's bytes, then the marker naming the source."""
+    """layout.CENTROIDS = the source's bytes, then the marker naming the source."""
     store.put_bytes(layout.CENTROIDS, src.data)
     marker = {
         "sha256": src.sha256,
