@@ -164,7 +164,7 @@ class Run:
                     self.cfg, self.in_store, self.store, None, "", gpu
                 )
 
-            self.pool = sch.ActorPool(make, n, None, self.cfg.max_retries)
+            self.pool = sch.ActorPool(make, n, self.cfg.max_retries)
         return self.pool
 
     def close_pool(self) -> None:

@@ -164,11 +164,14 @@ class Tasks:
 class ActorPool:
     """Slots of long-lived actors (each loads its model once), IN_FLIGHT_PER_WORKER units each.
 
-    `make()` creates one actor (also the replacement of a dead one); `call(actor, arg)` submits
-    a unit to it. A dead actor is killed and replaced at most `retries` times per slot."""
+    `make()` creates one actor (also the replacement of a dead one). `call(actor, arg)`
+    submits a unit to it; the pool serves several stages (sample, score), each setting its own
+    `call`. A dead actor is killed and replaced at most `retries` times per slot."""
 
-    def __init__(self, make: Callable[[], Any], n: int, call: Callable, retries: int):
-        self.make, self.call, self.retries = make, call, retries
+    call: Callable[[Any, Any], Any]
+
+    def __init__(self, make: Callable[[], Any], n: int, retries: int):
+        self.make, self.retries = make, retries
         self.actors = [make() for _ in range(n)]
         self.load = [0] * n
         self.up = [True] * n

@@ -22,8 +22,6 @@ from scoring.storage import Store
 
 log = logging.getLogger(__name__)
 
-REPORT_KEY = layout.REPORT  # kept for callers of the single-module report
-
 
 def build_report(store: Store, example_column: str | None = None, max_rows: int = MAX_ROWS) -> str:
     """The report page of the run folder `store` (finished or not)."""
@@ -43,7 +41,6 @@ __all__ = [
     "MAX_ROWS",
     "N_DUPLICATES",
     "N_EXAMPLES",
-    "REPORT_KEY",
     "THUMB_PX",
     "TOP_CLUSTERS",
     "Duplicate",
