@@ -24,6 +24,17 @@ from typing import Any
 from scoring.config import FIELDS, load_yaml, make_config
 from scoring.errors import BadConfig, UserError, first_line
 
+
+def eps_or_off(text: str) -> float | str:
+    """--dedup-eps: a number, or `off` (no dedup, also for auto)."""
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or off (got {text!r})") from None
+
+
 # flag -> (config key, type, help). Flag names are a contract: outside tools depend on them.
 RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--input", "input", str, "input Parquet folder, file or bucket URL (s3://, gs://, local)"),
@@ -37,7 +48,7 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--sample-size", "sample_size", int, "rows sampled for k-means (default: 256 * k)"),
     ("--seed", "seed", int, "seed for sampling, k-means and random (default: 0)"),
     ("--shard-rows", "shard_rows", int, "target rows per shard (default: 1,000,000)"),
-    ("--strategy", "strategy", str, "hard | easy | random | balanced | dbp (default: hard)"),
+    ("--strategy", "strategy", str, "auto | hard | easy | random | balanced | dbp (default: auto)"),
     ("--keep-fraction", "keep_fraction", float, "fraction of rows kept, 0 < F <= 1 (default 0.5)"),
     ("--keep-count", "keep_count", int, "number of rows kept (instead of --keep-fraction)"),
     ("--text-column", "text_column", str, "raw text column to embed (instead of embeddings)"),
@@ -59,8 +70,9 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     (
         "--dedup-eps",
         "dedup_eps",
-        float,
-        "SemDeDup: drop rows with cosine >= 1 - eps to a harder row of their cluster",
+        eps_or_off,
+        "SemDeDup: drop rows with cosine >= 1 - eps to a harder row of their cluster "
+        "(default: auto's 0.01, none for the other rules; off: none)",
     ),
     ("--dbp-temperature", "dbp_temperature", float, "DBP softmax temperature (default 0.5)"),
     (
@@ -97,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="linear probe: keep list vs random subsets of its size")
     e.add_argument("run", help="the run folder, <output>/<run_id>")
     e.add_argument("--label-column", required=True, help="label column in the input")
-    e.add_argument("--seeds", type=int, default=3, help="random subsets to compare (default 3)")
+    e.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="random subsets of the keep list's size to compare (default 3; 0: none)",
+    )
     e.add_argument("--test-fraction", type=float, default=0.2, help="hash-split held-out share")
     e.add_argument("--test-input", default=None, help="a separate labelled held-out dataset")
     st = sub.add_parser("status", help="progress and failures of a run folder")
@@ -245,6 +262,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         test_input=args.test_input,
     )
     print(json.dumps(out))
+    sys.stderr.write(out["summary"] + "\n")
     return 0
 
 

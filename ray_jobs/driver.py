@@ -287,7 +287,7 @@ class Run:
         the shards left to score."""
         old = Store(self.cfg.reuse_scores_from, self.cfg.storage_options)
         plan = reuse.plan_reuse(self.cfg, old, todo, self.in_store, self.plan_.fingerprint, sha)
-        emb = self.cfg.save_embeddings or self.cfg.dedup_eps is not None
+        emb = self.cfg.save_embeddings or self.cfg.effective_dedup_eps is not None
         tasks = [
             reuse.ReuseTask(old, self.store, plan[s.index], s, emb, old.uri())
             for s in todo

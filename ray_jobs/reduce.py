@@ -59,7 +59,7 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     extra: dict[str, Any] = {"percentile": bins.info()}
     clock("stats")
 
-    dedup = cfg.dedup_eps is not None
+    dedup = cfg.effective_dedup_eps is not None
     dim = int(centroids.shape[1])
     memory = annotate.DEDUP_MEMORY_FLOATS  # read here: the tasks get it as an argument
     # at least `par` ranges when the data allows: one range per task in flight, none waiting
@@ -69,19 +69,23 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     extra["cluster_ranges"] = len(ranges)
 
     def quotas_of(counts, dist_sum, n):
-        q, info = rule.quotas(QuotaInput(counts, dist_sum, n, cfg, centroids))
+        """The per-cluster rule's quotas and its order inside clusters."""
+        qi = QuotaInput(counts, dist_sum, n, cfg, centroids)
+        q, info = rule.quotas(qi)
         extra.update(info)
-        return q
+        return q, rule.within(qi)
 
-    quotas_now = (
-        quotas_of(st.counts, st.dist_sum, n_keep) if rule.per_cluster and not dedup else None
+    quotas_now, within = (
+        quotas_of(st.counts, st.dist_sum, n_keep)
+        if rule.per_cluster and not dedup
+        else (None, "hardest")
     )
     global_rule = rule if isinstance(rule, GlobalRule) else None
     tasks = [
         annotate.RangeTask(
-            store, idx, part, lo, hi, k, bins, cfg.dedup_eps, quotas_now, global_rule, cfg.seed,
+            store, idx, part, lo, hi, k, bins, cfg.effective_dedup_eps, quotas_now, global_rule, cfg.seed,
             stream_dim=annotate.stream_dim(st.counts, lo, hi, dedup, dim, memory),
-            memory=memory,
+            memory=memory, within=within,
         )
         for part, (lo, hi) in enumerate(ranges)
     ]  # fmt: skip
@@ -114,8 +118,8 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     clock("annotate")
     parts = list(range(len(ranges)))
     if rule.per_cluster and dedup:
-        q = quotas_of(surv, surv_dist, min(n_keep, m))
-        tasks = [keep.KeepTask(store, p, k, quotas=q) for p in parts]
+        q, within = quotas_of(surv, surv_dist, min(n_keep, m))
+        tasks = [keep.KeepTask(store, p, k, quotas=q, within=within, seed=cfg.seed) for p in parts]
         kept_parts += sch.map_tasks(keep.keep_part, tasks, par, "reduce: keep", quiet)
     elif global_rule is not None:
         th, passes = global_threshold(run, global_rule, parts, min(n_keep, m), m, par, first_hist)
@@ -136,7 +140,7 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     assert int(kept.sum()) == expect, f"kept {int(kept.sum())} rows, expected {expect}"
     if dedup:
         extra["dedup"] = {
-            "eps": cfg.dedup_eps,
+            "eps": cfg.effective_dedup_eps,
             "removed": int(removed.sum()),
             "survivors": m,
             "removed_per_cluster": removed.tolist(),

@@ -65,10 +65,10 @@ class RunConfig:
     sample_size: int | None = None  # None: 256 * k (capped at the number of rows)
     seed: int = 0
     shard_rows: int = 1_000_000
-    strategy: str = "hard"
+    strategy: str = "auto"
     keep_fraction: float | None = None  # default 0.5 when neither fraction nor count is given
     keep_count: int | None = None
-    dedup_eps: float | None = None  # SemDeDup before the rule (issue 6)
+    dedup_eps: float | str | None = None  # SemDeDup before the rule; "off": none, even for auto
     # growing datasets (issue 15): frozen prototypes, and committed scores of an older run
     prototypes_from: str | None = None  # a committed run folder or a centroids.npy file
     reuse_scores_from: str | None = None  # a run folder whose unchanged shards are copied
@@ -84,6 +84,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def effective_dedup_eps(self) -> float | None:
+        """--dedup-eps, else the strategy's own default (auto deduplicates), else None; None
+        for "off" (YAML's unquoted `off` reads as false)."""
+        if dedup_off(self.dedup_eps):
+            return None
+        if self.dedup_eps is not None:
+            return self.dedup_eps
+        from scoring import strategies
+
+        return strategies.get(self.strategy).default_dedup_eps
 
     @property
     def effective_sample_size(self) -> int:
@@ -112,6 +124,10 @@ class RunConfig:
         from fractions import Fraction
 
         return int(Fraction(repr(frac)) * n_rows)
+
+
+def dedup_off(eps: Any) -> bool:
+    return eps is False or (isinstance(eps, str) and eps.lower() == "off")
 
 
 def redact(obj: Any) -> Any:
@@ -183,10 +199,10 @@ def validate(cfg: RunConfig) -> None:
         raise _bad("image_column", cfg.image_column, "give text_column or image_column, not both")
     if (cfg.text_column or cfg.image_column) and not cfg.model:
         raise _bad("model", cfg.model, "text_column/image_column need a model")
-    if cfg.dedup_eps is not None:
+    if cfg.dedup_eps is not None and not dedup_off(cfg.dedup_eps):
         e = cfg.dedup_eps
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not (0 <= e < 1):
-            raise _bad("dedup_eps", e, "must be a number with 0 <= eps < 1")
+            raise _bad("dedup_eps", e, "must be a number with 0 <= eps < 1, or off")
     t = cfg.dbp_temperature
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
         raise _bad("dbp_temperature", t, "must be a number > 0")

@@ -107,11 +107,12 @@ def evaluate_run(
     test_input: str | None = None,
     storage_options=None,
 ) -> dict[str, Any]:
-    """Accuracy of the keep list and of `seeds` random subsets of its size, side by side."""
+    """Accuracy of the keep list and of `seeds` random subsets of its size, side by side
+    (seeds 0: the keep list alone)."""
     if not 0 < test_fraction < 1:
         raise BadConfig(f"--test-fraction must be in (0, 1) (got {test_fraction})")
-    if seeds < 1:
-        raise BadConfig(f"--seeds must be at least 1 (got {seeds})")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 0:
+        raise BadConfig(f"--seeds must be an integer >= 0 (got {seeds!r})")
     run = Store(run_url, storage_options)
     if not run.exists(layout.MANIFEST):
         raise BadInput(f"run {run.uri()}: no {layout.MANIFEST} (the run is not finished)")
@@ -154,5 +155,21 @@ def evaluate_run(
         "test_rows": int(len(yte)),
         "keep_accuracy": round(acc_keep, 6),
         "random_accuracy": [round(a, 6) for a in rand],
-        "random_mean": round(float(np.mean(rand)), 6),
+        "random_mean": round(float(np.mean(rand)), 6) if rand else None,
+        "random_std": round(float(np.std(rand, ddof=1)), 6) if len(rand) > 1 else None,
+        "random_size": size,
+        "summary": summary(acc_keep, rand, size),
     }
+
+
+def summary(acc_keep: float, rand: list[float], size: int) -> str:
+    """One line: the keep list's accuracy against the random subsets' mean ± std."""
+    line = f"keep list {acc_keep:.4f} on {size} rows"
+    if not rand:
+        return line
+    spread = f" ± {np.std(rand, ddof=1):.4f}" if len(rand) > 1 else ""
+    diff = (acc_keep - float(np.mean(rand))) * 100
+    return (
+        f"{line}; random {float(np.mean(rand)):.4f}{spread} "
+        f"({len(rand)} subset(s) of {size} rows); difference {diff:+.2f} points"
+    )

@@ -77,21 +77,33 @@ def reference_keep(
         rows.sort(key=lambda r: (ref_hash(r[0], seed), r[0]))
         return {r[0] for r in rows[:n_keep]}
     if strategy == "balanced":
-        m = len(rows)
-        k = int(cluster.max()) + 1
-        nj = [0] * k
-        for r in rows:
-            nj[r[1]] += 1
-        q = [n_keep * c // m for c in nj]
-        rem = [n_keep * c % m for c in nj]
-        for j in sorted(range(k), key=lambda j: (-rem[j], j))[: n_keep - sum(q)]:
-            q[j] += 1
-        out = set()
-        for j in range(k):
-            members = sorted((r for r in rows if r[1] == j), key=lambda r: (-r[2], r[0]))
-            out |= {r[0] for r in members[: q[j]]}
-        return out
+        return reference_per_cluster(rows, cluster, n_keep, "hardest", seed)
+    if strategy == "auto":  # after its dedup: a stratified random sample (README "Strategies")
+        return reference_per_cluster(rows, cluster, n_keep, "random", seed)
     raise ValueError(strategy)
+
+
+def reference_per_cluster(rows: list, cluster: np.ndarray, n_keep: int, within: str, seed: int):
+    """Largest-remainder quotas, then the first q_j rows of each cluster in `within` order."""
+    m = len(rows)
+    k = int(cluster.max()) + 1 if len(cluster) else 0
+    nj = [0] * k
+    for r in rows:
+        nj[r[1]] += 1
+    q = [n_keep * c // m for c in nj] if m else []
+    rem = [n_keep * c % m for c in nj] if m else []
+    for j in sorted(range(k), key=lambda j: (-rem[j], j))[: n_keep - sum(q)]:
+        q[j] += 1
+    order = {
+        "hardest": lambda r: (-r[2], r[0]),
+        "easiest": lambda r: (r[2], r[0]),
+        "random": lambda r: (ref_hash(r[0], seed), r[0]),
+    }[within]
+    out = set()
+    for j in range(k):
+        members = sorted((r for r in rows if r[1] == j), key=order)
+        out |= {r[0] for r in members[: q[j]]}
+    return out
 
 
 def ref_hash(i, seed: int) -> int:

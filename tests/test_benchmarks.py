@@ -50,6 +50,21 @@ CASES = {
         ["--rows", "20000", "--dim", "16", "--k", "20", "--files", "2"],
         ["ratio protoprune / baseline"],
     ),
+    "quality.py": (
+        [
+            "--quick",
+            "--pools",
+            "digits",
+            "--strategies",
+            "auto,random",
+            "--fractions",
+            "0.2",
+            "--seeds",
+            "2",
+            "--no-dedup",
+        ],
+        ["**digits-clean**", "| auto | ", "digits-redundant 20%: auto", "auto >= full pool"],
+    ),  # fmt: skip
     "gpu_check.py": (
         ["--cpu-smoke"],
         ["| bf16 GEMM peak", "| k-means", "| MiniLM-L6 embedding", "0 wrong clusters"],

@@ -132,6 +132,7 @@ CASES = [
     ("local", "int", "large", pa.float64(), "cosine", "easy"),
     ("local", "str", "list", pa.float32(), "cosine", "random"),
     ("local", "int", "fixed", pa.float64(), "l2", "balanced"),
+    ("s3", "str", "fixed", pa.float32(), "cosine", "auto"),  # dedup off: see test_auto.py
 ]
 
 
@@ -158,6 +159,7 @@ def test_end_to_end_exact(ray_s3, tmp_path, where, id_kind, kind, dtype, metric,
         keep_fraction=0.3,
         seed=3,
         quiet=True,
+        dedup_eps="off" if strategy == "auto" else None,
     )
     doc = run(cfg, quiet=True)
     check_run(cfg, doc, ids, x, n_files=3)

@@ -104,6 +104,38 @@ def test_evaluate_cli_matches_an_independent_probe(labelled_run):
     assert all(0.3 < a <= 1 for a in out["random_accuracy"])
 
 
+def test_evaluate_seeds_from_the_cli(labelled_run):
+    """--seeds N: N random subsets of the keep list's size, their mean and sample std (checked
+    against independent probes on the same subsets); --seeds 0: the keep list alone."""
+    from sklearn.linear_model import LogisticRegression
+
+    tmp, x, ids, names, _ = labelled_run
+    run_dir = str(tmp / "out" / "ev")
+    p = _cli("evaluate", run_dir, "--label-column", "label", "--seeds", "2")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(out["random_accuracy"]) == 2 and out["random_size"] == out["train_rows"]
+    test = np.array([ref_hash(i, 0x5EED) < int(0.2 * 2.0**64) for i in ids])
+    pool = np.flatnonzero(~test)
+    xn = normalize(x)
+    accs = []
+    for s in range(2):  # the documented subsets: numpy default_rng(s), without replacement
+        pick = np.random.default_rng(s).choice(pool, size=out["train_rows"], replace=False)
+        clf = LogisticRegression(max_iter=2000).fit(xn[pick], names[pick])
+        accs.append(float((clf.predict(xn[test]) == names[test]).mean()))
+    np.testing.assert_allclose(out["random_accuracy"], accs, atol=1e-6)
+    assert abs(out["random_mean"] - np.mean(accs)) < 1e-6
+    assert abs(out["random_std"] - np.std(accs, ddof=1)) < 1e-6
+    assert f"2 subset(s) of {out['train_rows']} rows" in p.stderr
+    p = _cli("evaluate", run_dir, "--label-column", "label", "--seeds", "0")
+    assert p.returncode == 0, p.stderr
+    out0 = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out0["random_accuracy"] == [] and out0["random_mean"] is None
+    assert out0["keep_accuracy"] == out["keep_accuracy"]
+    p = _cli("evaluate", run_dir, "--label-column", "label", "--seeds", "-1")
+    assert p.returncode == 2 and "--seeds" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_evaluate_errors_are_one_line(labelled_run, tmp_path):
     tmp, *_ = labelled_run
     p = _cli("evaluate", str(tmp_path), "--label-column", "label")

@@ -7,6 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from scoring.kernels.radix import random_key
+
 
 def balanced_quotas(counts: np.ndarray, n_keep: int) -> np.ndarray:
     """q_j = floor(n_keep·n_j/M) plus one for the largest remainders (ties: lower j). Exact."""
@@ -37,20 +39,43 @@ def plan_cluster_ranges(counts: np.ndarray, max_rows: int) -> list[tuple[int, in
     return ranges
 
 
-def select_per_cluster(table: pa.Table, quotas: np.ndarray, presorted: bool = False) -> pa.Table:
-    """Rows of `table` (all rows of some whole clusters) with the q_j hardest of each cluster.
+WITHIN = ("hardest", "easiest", "random")  # the orders a per-cluster rule may pick rows in
 
-    Hardest first = distance desc, id asc. `quotas` is indexed by global cluster id.
-    `presorted`: the table is already in (cluster asc, distance desc, id asc) order (an
-    annotated part), so it is not sorted again.
+
+def select_per_cluster(
+    table: pa.Table,
+    quotas: np.ndarray,
+    presorted: bool = False,
+    within: str = "hardest",
+    seed: int = 0,
+) -> pa.Table:
+    """Rows of `table` (all rows of some whole clusters) with the q_j first rows of each
+    cluster in the order `within`:
+
+    * "hardest": distance desc, id asc;
+    * "easiest": distance asc, id asc;
+    * "random": hash(seed, id) asc, id asc (the `random` rule's key, per cluster: a
+      stratified random sample).
+
+    `quotas` is indexed by global cluster id. `presorted`: the table is already in (cluster
+    asc, distance desc, id asc) order (an annotated part), so "hardest" does not sort again.
     """
+    if within not in WITHIN:
+        raise ValueError(f"within must be one of {WITHIN} (got {within!r})")
     if table.num_rows == 0:
         return table
     t = table
-    if not presorted:
+    if within == "random":
+        key = pa.array(random_key(table["id"], seed))
+        t = table.append_column("_key", key)
         idx = pc.sort_indices(
-            table,
-            sort_keys=[("cluster", "ascending"), ("distance", "descending"), ("id", "ascending")],
+            t, sort_keys=[("cluster", "ascending"), ("_key", "ascending"), ("id", "ascending")]
+        )
+        t = t.take(idx).drop_columns(["_key"])
+    elif within == "easiest" or not presorted:
+        order = "descending" if within == "hardest" else "ascending"
+        idx = pc.sort_indices(
+            table, sort_keys=[("cluster", "ascending"), ("distance", order), ("id", "ascending")]
         )
         t = table.take(idx)
     cl = t["cluster"].to_numpy()

@@ -320,6 +320,8 @@ def _selection_table(data: ReportData) -> str:
     k = len(data.cluster_rows) if data.cluster_rows is not None else None
     rule = data.strategy + (f": {data.rule_summary}" if data.rule_summary else "")
     rows: list[list[Any]] = [["strategy", rule if data.rule_known else f"{rule} (not registered)"]]
+    if isinstance(man.get("auto"), dict) and man["auto"].get("why"):
+        rows.append(["why (auto)", str(man["auto"]["why"])])
     for key in ("n_keep", "rows_kept", "select_passes", "cluster_ranges"):
         if key in man:
             rows.append([key, man[key]])

@@ -53,6 +53,7 @@ class RangeTask:
     block: int = DEFAULT_BLOCK
     stream_dim: int | None = None  # one cluster larger than `memory` floats: stream it
     memory: int = DEDUP_MEMORY_FLOATS
+    within: str = "hardest"  # with quotas: the rule's order inside clusters
 
 
 @dataclass
@@ -184,7 +185,9 @@ def annotate_range(task: RangeTask) -> RangeResult:
         keys = task.rule.key(live["distance"].to_numpy(), live["id"].combine_chunks(), task.seed)
         res.key_hist = key_histogram(keys, 0, 0, task.rule.key_bits)
     if task.quotas is not None:
-        res.keep = keep_quotas(task.store, task.part, live, task.quotas, task.k)
+        res.keep = keep_quotas(
+            task.store, task.part, live, task.quotas, task.k, task.within, task.seed
+        )
     return res
 
 

@@ -1,5 +1,6 @@
 """Stage `keep` of the reduce, per annotated part: the rule's picks, written to
-keep/part-NNNNNN.parquet. Per-cluster rules keep the q_j hardest survivors of each cluster;
+keep/part-NNNNNN.parquet. Per-cluster rules keep the q_j first survivors of each cluster in
+their order (hardest, easiest or stratified random);
 global rules keep the survivors with (key, id) <= the threshold, which the radix select finds
 from the parts' key histograms and candidates (also here)."""
 
@@ -66,9 +67,13 @@ def write_keep(run_store: Store, part: int, kept: pa.Table, k: int) -> KeepResul
     return KeepResult(entry, cluster_counts(kept, k), label_counts(kept))
 
 
-def keep_quotas(run_store: Store, part: int, live: pa.Table, quotas, k: int) -> KeepResult:
-    """The q_j hardest survivors of each cluster of an annotated part (already in rank order)."""
-    return write_keep(run_store, part, select_per_cluster(live, quotas, presorted=True), k)
+def keep_quotas(
+    run_store: Store, part: int, live: pa.Table, quotas, k: int, within: str, seed: int
+) -> KeepResult:
+    """The q_j first survivors of each cluster of an annotated part (in rank order) in the
+    rule's order `within` (kernels.quotas.select_per_cluster)."""
+    kept = select_per_cluster(live, quotas, presorted=True, within=within, seed=seed)
+    return write_keep(run_store, part, kept, k)
 
 
 def read_part(run_store: Store, part: int) -> pa.Table | None:
@@ -90,6 +95,7 @@ class KeepTask:
     rule: GlobalRule | None = None
     seed: int = 0
     threshold: Threshold | None = None
+    within: str = "hardest"  # with quotas: the rule's order inside clusters
 
 
 def keep_part(task: KeepTask) -> KeepResult:
@@ -98,7 +104,7 @@ def keep_part(task: KeepTask) -> KeepResult:
         return KeepResult.none(task.k)
     live = survivors(t)
     if task.quotas is not None:
-        return keep_quotas(task.store, task.part, live, task.quotas, task.k)
+        return keep_quotas(task.store, task.part, live, task.quotas, task.k, task.within, task.seed)
     assert task.rule is not None and task.threshold is not None
     ids = live["id"].combine_chunks()
     keys = task.rule.key(live["distance"].to_numpy(), ids, task.seed)

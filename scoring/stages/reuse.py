@@ -159,7 +159,7 @@ def plan_reuse(
     old_files = {old_in.uri(f["path"]): (f["size"], f["version"]) for f in doc["input"]["files"]}
     new_files = {in_store.uri(f["path"]): (f["size"], f["version"]) for f in fingerprint}
     marks = commit.current(commit.committed(old, layout.SCORES), sha)
-    need_emb = cfg.save_embeddings or cfg.dedup_eps is not None
+    need_emb = cfg.save_embeddings or cfg.effective_dedup_eps is not None
     by_slice: dict[tuple, int] = {}
     for s in doc.get("shards", []):
         by_slice[(old_in.uri(s["file"]), tuple(s["row_groups"]), s["rows"])] = s["index"]

@@ -114,7 +114,7 @@ def score_shard(
         )
     # Unit rows are needed only when the embeddings are saved (dedup compares them);
     # otherwise the search divides the two best scores by the row norms (no n x d copy).
-    keep_x = cfg.save_embeddings or cfg.dedup_eps is not None
+    keep_x = cfg.save_embeddings or cfg.effective_dedup_eps is not None
     if cfg.metric == "cosine" and keep_x:
         x = normalize(x)
     cluster, dist, second = searcher.search(x, unit=cfg.metric != "cosine" or keep_x)
@@ -126,7 +126,7 @@ def score_shard(
             layout.LABEL, read_labels(cfg, in_store, shard).take(pa.array(order))
         )
     emb_sha = None
-    if cfg.save_embeddings or cfg.dedup_eps is not None:
+    if cfg.save_embeddings or cfg.effective_dedup_eps is not None:
         emb_sha = write_embeddings(run_store, shard.index, ids, x, order)
     nbytes, sha = run_store.write_parquet(
         layout.score_key(shard.index), table, row_group_size=layout.ROW_GROUP

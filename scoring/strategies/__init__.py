@@ -5,6 +5,7 @@ validation, the reduce and the report all read. A new rule is one file plus one 
 from __future__ import annotations
 
 from scoring.errors import BadConfig
+from scoring.strategies.auto import Auto
 from scoring.strategies.balanced import Balanced
 from scoring.strategies.base import ClusterRule, GlobalRule, QuotaInput, Strategy
 from scoring.strategies.dbp import DBP
@@ -23,7 +24,7 @@ def register(rule: Strategy) -> Strategy:
     return rule
 
 
-for _rule in (Hard(), Easy(), Random(), Balanced(), DBP()):
+for _rule in (Auto(), Hard(), Easy(), Random(), Balanced(), DBP()):
     register(_rule)
 
 

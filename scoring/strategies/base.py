@@ -7,7 +7,12 @@ Two kinds, both exact and distributed by the reduce:
   annotated parts (`scoring.kernels.radix`). A rule supplies `key` (run on the workers, so the
   rule object travels to them) and `key_bits`.
 * `ClusterRule`: integer quotas per cluster from the global cluster counts (run on the driver),
-  then the q_j hardest rows of every cluster are kept. A rule supplies `quotas`.
+  then the q_j first rows of every cluster are kept, in the order `within` names: hardest
+  first (distance desc), easiest first, or a stratified random sample (hash of seed and id).
+  A rule supplies `quotas` and may override `within`.
+
+A rule may name a `default_dedup_eps`: the run then deduplicates (SemDeDup) with that eps when
+the user gives no --dedup-eps.
 
 `hardest_first` says how a rule orders distances (True, False, or None when it ignores them):
 the report uses it to draw thresholds and per-cluster cuts.
@@ -38,6 +43,7 @@ class Strategy:
     summary: str = ""
     hardest_first: bool | None = True
     per_cluster: bool = False
+    default_dedup_eps: float | None = None  # dedup with this eps unless --dedup-eps is given
 
 
 class GlobalRule(Strategy):
@@ -55,3 +61,7 @@ class ClusterRule(Strategy):
         """int64 [k] quotas with sum = q.n_keep and 0 <= q_j <= counts_j, and what the manifest
         should record about them (merged into it; {} for nothing)."""
         raise NotImplementedError
+
+    def within(self, q: QuotaInput) -> str:
+        """The order rows are kept in inside each cluster: one of kernels.quotas.WITHIN."""
+        return "hardest"
