@@ -235,7 +235,7 @@ class Run:
 
         try:
             if self.pool is not None:
-                return ray.get(self.pool.actors[0].fit.remote(parts, names))
+                return ray.get(self.pool.first_up().fit.remote(parts, names))
             gpu = sch.cluster_gpus() > 0
             task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(fit_task)
             return ray.get(task.remote(self.cfg, self.store, parts, names, gpu))
@@ -314,6 +314,8 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
         log.info("run %s is already committed", r.store.uri())
         return done
     sch.ensure_ray(cfg.address)
+    # workers the cluster can never place fail the run now, not after the sample and the fit
+    sch.worker_resources(cfg, len(r.shards))
     try:
         r.accept_changed_inputs()
         centroids, sha = r.prototypes()

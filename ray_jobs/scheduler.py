@@ -7,9 +7,10 @@ handles what can go wrong with a unit:
   `_failures/<stage>/` with the unit's file when `failures` is given (the other units go on and
   the map ends with `RunFailed` naming them all), else raised at once; a model that fails to
   load is the same for every unit and is always raised at once;
-* a dead worker (its process or node died): with an actor pool the actor is replaced (a new one
-  gets units once a ping shows it is up; meanwhile its units go to the live actors) and the unit
-  is resubmitted, at most `retries` times; Ray itself retries tasks (`max_retries`);
+* a dead worker (its process or node died): with an actor pool the actor is replaced and the
+  unit is resubmitted, at most `retries` times; Ray itself retries tasks (`max_retries`). An
+  actor (the first ones too) gets units only once a ping shows it is up; meanwhile they go to
+  the live actors, so an actor Ray cannot place never holds a unit;
 * anything else is a bug and propagates.
 
 Progress: one bar per stage (`ray_jobs.progress`), one log line per unit where asked.
@@ -23,10 +24,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ray_jobs.placement import worker_resources  # noqa: F401 - the pool's size, re-exported
 from ray_jobs.progress import Progress
 from scoring import commit, layout
-from scoring.config import RunConfig
-from scoring.errors import BadConfig, ModelLoadError, RunFailed, first_line, user_cause
+from scoring.errors import ModelLoadError, RunFailed, first_line, user_cause
 from scoring.storage import Store
 
 log = logging.getLogger("protoprune")
@@ -64,33 +65,6 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def worker_resources(cfg: RunConfig, n_shards: int) -> tuple[int, dict[str, float], bool]:
-    """(actors, ray resource options, use_gpu) of the ShardWorker pool.
-
-    Default: one actor per GPU in the cluster (num_gpus=1), else one per CPU. With
-    --gpus-per-worker G (fractions allowed) there are floor(GPUs / G) actors; with
-    --cpus-per-worker C on a CPU cluster floor(CPUs / C). --workers overrides the count.
-    """
-    gpus = cluster_gpus()
-    cpus = cluster_cpus()
-    g = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
-    c = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else 1.0
-    if g > 0 and gpus == 0:
-        raise BadConfig(f"gpus_per_worker = {g} but the Ray cluster has no GPU")
-    if g > gpus > 0:
-        raise BadConfig(f"gpus_per_worker = {g} is more than the cluster's {gpus} GPU(s)")
-    if g > 0:
-        n = int(gpus / g + 1e-9)
-    else:
-        n = int(cpus / c + 1e-9) if c > 0 else cpus
-    n = max(1, n)
-    if cfg.workers and cfg.workers > n:
-        # An actor that cannot be placed never starts; shards sent to it would wait forever.
-        log.warning("--workers %d > %d worker slots in the cluster; using %d", cfg.workers, n, n)
-    n = max(1, min(cfg.workers or n, n, n_shards))
-    return n, {"num_gpus": g, "num_cpus": c}, g > 0
 
 
 # -- failure records ---------------------------------------------------------------------------
@@ -174,9 +148,11 @@ class ActorPool:
         self.make, self.retries = make, retries
         self.actors = [make() for _ in range(n)]
         self.load = [0] * n
-        self.up = [True] * n
+        # an actor gets units once it has answered a ping: one Ray cannot place (the cluster
+        # shrank, or holds other work) never holds shards that would wait for it forever
+        self.up = [False] * n
         self.replaced = [0] * n
-        self.pings: dict[Any, int] = {}
+        self.pings: dict[Any, int] = {a.pid.remote(): i for i, a in enumerate(self.actors)}
         self._sent: dict[Any, Any] = {}  # in-flight ref -> the actor it was sent to
 
     def free(self) -> int | None:
@@ -214,8 +190,13 @@ class ActorPool:
         try:
             ray.get(ref)
             self.up[slot] = True
-        except Exception as e:  # noqa: BLE001 - the slot stays empty
-            log.warning("worker %d not replaced: %s", slot, type(e).__name__)
+        except Exception as e:  # noqa: BLE001 - replaced while retries last, else stays empty
+            log.warning("worker %d did not start: %s", slot, type(e).__name__)
+            self.lost(slot, self.actors[slot])
+
+    def first_up(self) -> Any:
+        """An actor that has answered (the first one when none has yet)."""
+        return next((a for a, up in zip(self.actors, self.up) if up), self.actors[0])
 
     def close(self) -> None:
         import ray
