@@ -79,3 +79,94 @@ def test_out_of_memory_at_one_row_is_raised(monkeypatch):
     model.limit = 0  # now even one row does not fit
     with pytest.raises(torch.cuda.OutOfMemoryError):
         emb.embed(pa.array(["abc", "abd"]))
+
+
+# -- k-means -----------------------------------------------------------------------------------
+def test_segment_sum_matches_float64_reference():
+    from scoring.kernels.kmeans import segment_sum
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(5000, 16)).astype(np.float32)
+    j = rng.integers(0, 37, size=5000)
+    out = torch.zeros(40, 16, dtype=torch.float64)
+    segment_sum(out, torch.from_numpy(j), torch.from_numpy(x))
+    want = np.zeros((40, 16))
+    np.add.at(want, j, x.astype(np.float64))
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("metric, k, data_seed, seed", [("cosine", 4, 5, 4), ("l2", 6, 9, 15)])
+def test_torch_kmeans_same_bytes_and_lloyd_means(metric, k, data_seed, seed):
+    """Two fits give the same bytes; one iteration's centroids are the float64 means of the
+    rows nearest each seeded start row (data and seed picked so that no row is within 0.05
+    of a tie: the bf16 assignment is the exact one)."""
+    from helpers import clustered
+
+    from scoring.kernels.devices import normalize
+    from scoring.kernels.kmeans import fit_kmeans_torch
+
+    x = clustered(3000, 12, k, seed=data_seed)
+    x = normalize(x) if metric == "cosine" else x
+    a = fit_kmeans_torch(x, k, 6, metric, seed=seed, device="cpu")[0]
+    b = fit_kmeans_torch(x, k, 6, metric, seed=seed, device="cpu")[0]
+    assert a.tobytes() == b.tobytes()
+    one = fit_kmeans_torch(x, k, 1, metric, seed=seed, device="cpu")[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start = x[torch.randperm(len(x), generator=gen)[:k].numpy()].astype(np.float64)
+    x64 = x.astype(np.float64)
+    if metric == "cosine":
+        score = x64 @ start.T
+    else:
+        score = -((x64[:, None, :] - start[None]) ** 2).sum(2)
+    top2 = np.sort(score, 1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 0.05  # the precondition
+    lab = score.argmax(1)
+    want = np.stack([x64[lab == c].mean(0) for c in range(k)])
+    if metric == "cosine":
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-5)
+
+
+# -- the fp32 re-check -------------------------------------------------------------------------
+def test_search_stays_full_fp32_after_a_global_precision_change():
+    """torch.set_float32_matmul_precision("medium") lets oneDNN run fp32 matmuls in bf16 on
+    CPUs with bf16 instructions (TF32 on CUDA for "high"); the search's results keep their
+    bytes, and the process's setting is back afterwards."""
+    from scoring.kernels.assign import NearestPrototype
+    from scoring.kernels.devices import exact_fp32, normalize
+
+    rng = np.random.default_rng(0)
+    c = normalize(rng.normal(size=(300, 64)).astype(np.float32))
+    x = normalize(
+        (c[rng.integers(0, 300, 5000)] + 0.3 * rng.normal(size=(5000, 64))).astype(np.float32)
+    )
+    want = NearestPrototype(c, "cosine", backend="torch").search(x)
+    seen = []
+    try:
+        for p in ("high", "medium"):
+            torch.set_float32_matmul_precision(p)
+            got = NearestPrototype(c, "cosine", backend="torch").search(x)
+            for u, v in zip(want, got):
+                assert u.tobytes() == v.tobytes(), p
+            assert torch.get_float32_matmul_precision() == p
+            with exact_fp32():
+                seen.append(torch.get_float32_matmul_precision())
+                assert not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+            assert torch.get_float32_matmul_precision() == p
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert seen == ["highest", "highest"]
+
+
+# -- chunk size --------------------------------------------------------------------------------
+def test_search_chunk_rows_from_free_memory():
+    from scoring.kernels.devices import search_chunk_rows
+
+    gib = 1 << 30
+    big = search_chunk_rows(50_000, 768, 120 * gib)  # an H200, mostly free
+    assert big * 50_000 < 2**31 and big >= 40_000  # was ~1,300 rows from a 256 MB budget
+    small = search_chunk_rows(50_000, 768, 4 * gib)
+    assert 256 <= small < big and small % 256 == 0
+    assert small * (8 * 50_000 + 32 * 768) <= gib  # a quarter of the free memory
+    assert search_chunk_rows(100, 768, 120 * gib) == 1 << 20
+    assert search_chunk_rows(1000, 64, None) == (32 << 20) // 4000  # CPU: cache-sized
