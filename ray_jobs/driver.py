@@ -235,7 +235,7 @@ class Run:
 
         try:
             if self.pool is not None:
-                return ray.get(self.pool.first_up().fit.remote(parts, names))
+                return ray.get(self.pool.actors[0].fit.remote(parts, names))
             gpu = sch.cluster_gpus() > 0
             task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(fit_task)
             return ray.get(task.remote(self.cfg, self.store, parts, names, gpu))

@@ -7,10 +7,9 @@ handles what can go wrong with a unit:
   `_failures/<stage>/` with the unit's file when `failures` is given (the other units go on and
   the map ends with `RunFailed` naming them all), else raised at once; a model that fails to
   load is the same for every unit and is always raised at once;
-* a dead worker (its process or node died): with an actor pool the actor is replaced and the
-  unit is resubmitted, at most `retries` times; Ray itself retries tasks (`max_retries`). An
-  actor (the first ones too) gets units only once a ping shows it is up; meanwhile they go to
-  the live actors, so an actor Ray cannot place never holds a unit;
+* a dead worker (its process or node died): with an actor pool the actor is replaced (a new one
+  gets units once a ping shows it is up; meanwhile its units go to the live actors) and the unit
+  is resubmitted, at most `retries` times; Ray itself retries tasks (`max_retries`);
 * anything else is a bug and propagates.
 
 Progress: one bar per stage (`ray_jobs.progress`), one log line per unit where asked.
@@ -148,11 +147,9 @@ class ActorPool:
         self.make, self.retries = make, retries
         self.actors = [make() for _ in range(n)]
         self.load = [0] * n
-        # an actor gets units once it has answered a ping: one Ray cannot place (the cluster
-        # shrank, or holds other work) never holds shards that would wait for it forever
-        self.up = [False] * n
+        self.up = [True] * n  # n is what the cluster places at once (placement.py)
         self.replaced = [0] * n
-        self.pings: dict[Any, int] = {a.pid.remote(): i for i, a in enumerate(self.actors)}
+        self.pings: dict[Any, int] = {}
         self._sent: dict[Any, Any] = {}  # in-flight ref -> the actor it was sent to
 
     def free(self) -> int | None:
@@ -190,13 +187,8 @@ class ActorPool:
         try:
             ray.get(ref)
             self.up[slot] = True
-        except Exception as e:  # noqa: BLE001 - replaced while retries last, else stays empty
-            log.warning("worker %d did not start: %s", slot, type(e).__name__)
-            self.lost(slot, self.actors[slot])
-
-    def first_up(self) -> Any:
-        """An actor that has answered (the first one when none has yet)."""
-        return next((a for a, up in zip(self.actors, self.up) if up), self.actors[0])
+        except Exception as e:  # noqa: BLE001 - the slot stays empty
+            log.warning("worker %d not replaced: %s", slot, type(e).__name__)
 
     def close(self) -> None:
         import ray
