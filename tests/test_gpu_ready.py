@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import pytest
 from helpers import clustered, write_dataset
 from test_cluster import Head, check_distances, check_run
@@ -95,7 +96,8 @@ def gpu_head():
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     h = Head(env, num_cpus=8, num_gpus=4)
-    yield f"127.0.0.1:{h.ports['port']}"
+    h.gcs = f"127.0.0.1:{h.ports['port']}"  # the driver's address; h.address: the dashboard
+    yield h
     ray.shutdown()
     h.stop()
 
@@ -129,22 +131,104 @@ def placed(address: str, root, **over) -> int:
 @pytest.mark.parametrize("gpus, want", [(0.5, 8), (0.75, 4), (1, 4), (2, 2)])
 def test_logical_gpus_pool_is_what_ray_places(gpu_head, data, gpus, want):
     """4 GPUs, 8 CPUs: 8, 4, 4 and 2 actors, every one placed (floor(4 / 0.75) = 5 was not)."""
-    assert placed(gpu_head, data[0], gpus_per_worker=gpus) == want
+    assert placed(gpu_head.gcs, data[0], gpus_per_worker=gpus) == want
 
 
 def test_logical_gpus_075_run_finishes_exact(gpu_head, data):
     """The measured hang: 0.75 GPU per worker on 4 logical GPUs never finished."""
     root, x = data
-    got, _ = run_on(gpu_head, root, "g075", gpus_per_worker=0.75)
+    got, _ = run_on(gpu_head.gcs, root, "g075", gpus_per_worker=0.75)
     assert "error" not in got, got.get("error")
     out = Store(str(root / "out"))
     check_run(out, "g075", N, "hard", 0.3)
     check_distances(out.child("g075"), x)
 
 
+def test_gpu_share_tasks_fill_the_cpus_and_keep_their_processes(gpu_head):
+    """The dedup range tasks' request on 4 GPUs / 8 CPUs: half a GPU each, so 8 run at once
+    (a whole GPU each ran 4), and 16 tasks reuse their processes (Ray's default for GPU
+    tasks, max_calls=1, starts a process per task)."""
+    import ray
+
+    from ray_jobs.scheduler import ensure_ray, map_tasks
+
+    ensure_ray(gpu_head.gcs)
+    share = gpu_task_share()
+    assert share == 0.5
+
+    @ray.remote(num_cpus=0)
+    class Gate:
+        def __init__(self):
+            self.n = 0
+
+        def enter(self) -> int:
+            self.n += 1
+            return self.n
+
+        def count(self) -> int:
+            return self.n
+
+    gate = Gate.remote()
+
+    def task(i: int):
+        seen = ray.get(gate.enter.remote())
+        deadline = time.time() + 90
+        while seen < 8 and time.time() < deadline:
+            time.sleep(0.05)
+            seen = ray.get(gate.count.remote())
+        return os.getpid(), seen, ray.get_gpu_ids()
+
+    got = list(map_tasks(task, range(16), 16, num_gpus=share))
+    assert all(seen >= 8 for _, seen, _ in got)  # 8 at once
+    assert len({pid for pid, _, _ in got}) <= 8 < 16  # processes kept
+    assert all(len(ids) == 1 for _, _, ids in got)  # each on one GPU
+
+
+def test_dedup_on_logical_gpus_exact(gpu_head, tmp_path):
+    """A dedup run whose range tasks take GPU shares: the exact survivors and keep list."""
+    from helpers import read_all, reference_keep
+    from ref6 import all_scores, dedup_survivors
+
+    rng = np.random.default_rng(7)
+    x = clustered(1000, 16, 4, seed=3)
+    dst = rng.choice(np.arange(500, 1000), size=200, replace=False)
+    x[dst] = (
+        x[rng.integers(0, 500, size=200)] + rng.normal(size=(200, 16)).astype(np.float32) * 0.01
+    )
+    ids = list(range(1000))
+    write_dataset(Store(str(tmp_path / "in")), x, ids, files=2, prefix="data")
+    eps = 0.002
+    got, _ = run_on(gpu_head.gcs, tmp_path, "dd", gpus_per_worker=2, dedup_eps=eps, k=6)
+    assert "error" not in got, got.get("error")
+    doc = got["doc"]
+    runs = Store(str(tmp_path / "out" / "dd"))
+    sc = all_scores(runs)
+    sid = sc["id"].to_pylist()
+    cl, dist = sc["cluster"].to_numpy(), sc["distance"].to_numpy()
+    surv = dedup_survivors(sid, cl, dist, x[sid], eps)
+    assert 120 < len(ids) - len(surv) < 280  # the planted near-duplicates
+    assert doc["dedup"]["removed"] == len(ids) - len(surv)
+    keep = read_all(runs, "keep")["id"].to_pylist()
+    m = [i for i in range(len(sid)) if sid[i] in surv]
+    n_keep = min(doc["n_keep"], len(surv))
+    assert set(keep) == reference_keep([sid[i] for i in m], cl[m], dist[m], "hard", n_keep)
+    from ray.util.state import list_tasks
+
+    ranges = list_tasks(
+        address=gpu_head.address,
+        filters=[("func_or_class_name", "=", "annotate_range")],
+        detail=True,
+        limit=1000,
+    )
+    assert len(ranges) >= doc["cluster_ranges"] > 1
+    assert {tuple(sorted(t.required_resources.items())) for t in ranges} == {
+        (("CPU", 1.0), ("GPU", 0.5))
+    }
+
+
 def test_logical_gpus_request_no_node_holds_fails_at_once(gpu_head, data):
     root, _ = data
-    got, _ = run_on(gpu_head, root, "g6", gpus_per_worker=6)
+    got, _ = run_on(gpu_head.gcs, root, "g6", gpus_per_worker=6)
     e = got.get("error")
     assert isinstance(e, BadConfig), got
     msg = str(e)
