@@ -18,7 +18,10 @@ Two exact backends:
   other candidate, which can exceed the true second-nearest distance by at most twice the
   error bound (about 0.03 in cosine distance for bf16; `stats["second_exact"]` counts the
   exact ones). Certifying the second as well would re-check most rows of typical data, whose
-  second and third prototypes are nearly equidistant.
+  second and third prototypes are nearly equidistant. Every call runs under
+  `devices.exact_fp32` (no TF32 or bf16 passes in the fp32 re-check, whatever the process set
+  globally). On CUDA a chunk is sized from the free device memory (`search_chunk_rows`: chunk ×
+  k < 2^31), goes up through a page-locked buffer, and its results come back in one copy.
 
 ``backend="auto"`` (or the environment variable PROTOPRUNE_SEARCH_BACKEND=faiss|torch|auto,
 read by every worker) picks faiss-gpu when a GPU and faiss-gpu are present, torch on CUDA when only
@@ -45,6 +48,7 @@ from scoring.kernels.devices import (
     search_chunk_rows,
     torch_cuda,
 )
+from scoring.kernels.flat import FaissSearch
 
 log = logging.getLogger(__name__)
 
@@ -135,37 +139,6 @@ class NearestPrototype:
     def stats(self) -> dict[str, float]:
         """Rows searched and rows re-checked in full by the torch backend (empty otherwise)."""
         return dict(self._torch.stats) if self._torch is not None else {}
-
-
-class FaissSearch:
-    """A faiss flat index over the centroids: exact fp32 top-2."""
-
-    def __init__(self, centroids: np.ndarray, metric: str, use_gpu: bool = False):
-        import faiss
-
-        self.metric = metric
-        self.k, d = centroids.shape
-        index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-        if use_gpu:
-            res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(res, 0, index)
-            self._res = res
-        index.add(centroids)
-        self.index = index
-
-    def search(
-        self, x: np.ndarray, scale: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        kk = min(2, self.k)
-        sims, idx = self.index.search(x, kk)
-        if self.metric == "cosine":
-            if scale is not None:  # raw rows: cos = x·c / ‖x‖ (zero rows: cos 0)
-                sims = sims / np.where(scale > 0, scale, np.float32(1.0))[:, None]
-            dist = (1.0 - sims).astype(np.float32)
-        else:
-            dist = np.sqrt(np.maximum(sims, 0.0)).astype(np.float32)
-        second = dist[:, 1] if kk == 2 else np.full(len(x), np.inf, np.float32)
-        return idx[:, 0].astype(np.int32), dist[:, 0].copy(), second.copy()
 
 
 class TorchTopKSearch:
