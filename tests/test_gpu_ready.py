@@ -220,10 +220,10 @@ def test_dedup_on_logical_gpus_exact(gpu_head, tmp_path):
         detail=True,
         limit=1000,
     )
-    assert len(ranges) >= doc["cluster_ranges"] > 1
-    assert {tuple(sorted(t.required_resources.items())) for t in ranges} == {
-        (("CPU", 1.0), ("GPU", 0.5))
-    }
+    # the module's other runs (no dedup) ran their range tasks on one CPU and no GPU
+    on_gpu = [t.required_resources for t in ranges if "GPU" in t.required_resources]
+    assert len(on_gpu) >= doc["cluster_ranges"] > 1
+    assert all(r == {"CPU": 1.0, "GPU": 0.5} for r in on_gpu), on_gpu
 
 
 def test_logical_gpus_request_no_node_holds_fails_at_once(gpu_head, data):
