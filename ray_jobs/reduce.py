@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ray_jobs import scheduler as sch
+from ray_jobs.placement import gpu_task_share
 from scoring import commit, layout, strategies
 from scoring.errors import RunFailed
 from scoring.kernels.percentile import PercentileBins
@@ -89,9 +90,12 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
         )
         for part, (lo, hi) in enumerate(ranges)
     ]  # fmt: skip
-    # dedup's block products run on a GPU when the cluster has one (Ray hides GPUs from
-    # tasks that do not ask for one); a GPU task keeps its process (scheduler.Tasks)
-    gpus = sch.cluster_gpus() if dedup else 0
+    # dedup's block products run on a GPU when the cluster has one: each range task asks for
+    # a share of one GPU so that every CPU of a GPU node runs one at once (a whole GPU each
+    # ran as many as there are GPUs), and keeps its process for the next (scheduler.Tasks:
+    # max_calls=0, where Ray's default for GPU tasks is a fresh process per call). Ray 2.60
+    # no longer hides GPUs from tasks that ask for none, so the request is what places them.
+    share = gpu_task_share() if dedup else 0.0
     surv = np.zeros(k, np.int64)
     surv_dist = np.zeros(k, np.float64)
     removed = np.zeros(k, np.int64)
@@ -101,7 +105,7 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     annotated: list[str] = []
     first_hist = None
     for res in sch.map_tasks(
-        annotate.annotate_range, tasks, gpus or par, "reduce: ranges", quiet, 1, 1 if gpus else 0
+        annotate.annotate_range, tasks, par, "reduce: ranges", quiet, 1, share
     ):
         surv += res.survivors
         surv_dist += res.survivor_dist_sum

@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ray_jobs.placement import worker_resources  # noqa: F401 - the pool's size, re-exported
 from ray_jobs.progress import Progress
 from scoring import commit, layout
-from scoring.config import RunConfig
-from scoring.errors import BadConfig, ModelLoadError, RunFailed, first_line, user_cause
+from scoring.errors import ModelLoadError, RunFailed, first_line, user_cause
 from scoring.storage import Store
 
 log = logging.getLogger("protoprune")
@@ -64,33 +64,6 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def worker_resources(cfg: RunConfig, n_shards: int) -> tuple[int, dict[str, float], bool]:
-    """(actors, ray resource options, use_gpu) of the ShardWorker pool.
-
-    Default: one actor per GPU in the cluster (num_gpus=1), else one per CPU. With
-    --gpus-per-worker G (fractions allowed) there are floor(GPUs / G) actors; with
-    --cpus-per-worker C on a CPU cluster floor(CPUs / C). --workers overrides the count.
-    """
-    gpus = cluster_gpus()
-    cpus = cluster_cpus()
-    g = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
-    c = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else 1.0
-    if g > 0 and gpus == 0:
-        raise BadConfig(f"gpus_per_worker = {g} but the Ray cluster has no GPU")
-    if g > gpus > 0:
-        raise BadConfig(f"gpus_per_worker = {g} is more than the cluster's {gpus} GPU(s)")
-    if g > 0:
-        n = int(gpus / g + 1e-9)
-    else:
-        n = int(cpus / c + 1e-9) if c > 0 else cpus
-    n = max(1, n)
-    if cfg.workers and cfg.workers > n:
-        # An actor that cannot be placed never starts; shards sent to it would wait forever.
-        log.warning("--workers %d > %d worker slots in the cluster; using %d", cfg.workers, n, n)
-    n = max(1, min(cfg.workers or n, n, n_shards))
-    return n, {"num_gpus": g, "num_cpus": c}, g > 0
 
 
 # -- failure records ---------------------------------------------------------------------------
@@ -174,7 +147,7 @@ class ActorPool:
         self.make, self.retries = make, retries
         self.actors = [make() for _ in range(n)]
         self.load = [0] * n
-        self.up = [True] * n
+        self.up = [True] * n  # n is what the cluster places at once (placement.py)
         self.replaced = [0] * n
         self.pings: dict[Any, int] = {}
         self._sent: dict[Any, Any] = {}  # in-flight ref -> the actor it was sent to

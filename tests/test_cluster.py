@@ -196,7 +196,7 @@ def _alive(pid: int) -> bool:
 class Head:
     """`ray start --head --block` on private free ports and a private temp dir."""
 
-    def __init__(self, env: dict[str, str], num_cpus: int = 2):
+    def __init__(self, env: dict[str, str], num_cpus: int = 2, num_gpus: int = 0):
         # <root>/ray is to RAY_TMPDIR=<root> what /tmp/ray is to a default install: `ray start`
         # leaves the cluster's address there, where a no-address ray.init() would look.
         # (a short path: Ray's unix sockets live under it)
@@ -229,7 +229,7 @@ class Head:
             "--max-worker-port=0",
             f"--temp-dir={self.tmp}",
             f"--num-cpus={num_cpus}",
-            "--num-gpus=0",
+            f"--num-gpus={num_gpus}",  # logical GPUs: Ray schedules them, nothing runs on one
             "--disable-usage-stats",
         ]
         self.env = dict(env, RAY_TMPDIR=self.root)

@@ -118,24 +118,34 @@ class TorchEmbedder:
         return out.float().cpu().numpy()
 
     def _run_fitting(self, batch, n: int) -> np.ndarray:
-        """Run a batch; on CUDA out-of-memory split it in halves and keep the smaller size."""
-        import torch
+        """Run a batch of `n` rows; on CUDA out-of-memory halve it and keep the smaller size.
 
+        A batch cut before the size came down runs in pieces of the current size. The halves
+        run after the `except` block: inside it the traceback keeps the failed pass's tensors
+        (its frames' locals) alive, so nothing could be freed and every half failed again."""
+        if n > self.batch_size:
+            return np.concatenate(
+                [
+                    self._run_fitting(_rows(batch, a, min(n, a + step)), min(n, a + step) - a)
+                    for step in [self.batch_size]
+                    for a in range(0, n, step)
+                ]
+            )
         try:
             return self._run(batch)
-        except torch.cuda.OutOfMemoryError:
+        except out_of_memory_errors():
             if n <= 1:
                 raise
-            torch.cuda.empty_cache()
-            half = n // 2
-            self.batch_size = max(1, half)
-            log.warning("%s: out of GPU memory at batch %d; using %d", self.name, n, half)
-            if isinstance(batch, Mapping):
-                a = {k: v[:half] for k, v in batch.items()}
-                b = {k: v[half:] for k, v in batch.items()}
-            else:
-                a, b = batch[:half], batch[half:]
-            return np.concatenate([self._run_fitting(a, half), self._run_fitting(b, n - half)])
+        free_device_memory(self.device)
+        half = n // 2
+        self.batch_size = max(1, min(self.batch_size, half))
+        log.warning("%s: out of GPU memory at batch %d; using %d", self.name, n, half)
+        return np.concatenate(
+            [
+                self._run_fitting(_rows(batch, 0, half), half),
+                self._run_fitting(_rows(batch, half, n), n - half),
+            ]
+        )
 
     def embed(self, values, ids=None, where: str = "") -> np.ndarray:
         values = single_array(values)
@@ -145,25 +155,58 @@ class TorchEmbedder:
         if self.kind == "text":
             texts = text_list(values, ids, where, self.column)
             parts = []
-            for s in range(0, n, self.batch_size):
+            s = 0
+            while s < n:  # the step is read per batch: an out-of-memory halving lowers it
                 chunk = texts[s : s + self.batch_size]
                 parts.append(self._run_fitting(self.preprocess(chunk), len(chunk)))
+                s += len(chunk)
             return np.concatenate(parts).astype(np.float32, copy=False)
         get = image_getter(values, ids, where, self.column, self.store)
-        bs = self.batch_size
-        starts = list(range(0, n, bs))
         pending: deque = deque()
         parts = []
 
         def load(i: int):
             return self.preprocess(decode_image(*get(i)))
 
-        for s in starts:
-            pending.append(self.pool.map(load, range(s, min(s + bs, n))))
-            if len(pending) > LOOKAHEAD_BATCHES:
-                batch = self._stack(list(pending.popleft()))
-                parts.append(self._run_fitting(batch, len(batch)))
-        while pending:
+        s = 0
+        while s < n or pending:
+            if s < n:  # the step is read per batch, as for text
+                e = min(n, s + self.batch_size)
+                pending.append(self.pool.map(load, range(s, e)))
+                s = e
+                if len(pending) <= LOOKAHEAD_BATCHES:
+                    continue
             batch = self._stack(list(pending.popleft()))
             parts.append(self._run_fitting(batch, len(batch)))
         return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def _rows(batch, a: int, b: int):
+    """Rows a:b of a batch (a Tensor or a mapping of Tensors)."""
+    if isinstance(batch, Mapping):
+        return {k: v[a:b] for k, v in batch.items()}
+    return batch[a:b]
+
+
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """torch's CUDA out-of-memory error class (torch.OutOfMemoryError in torch >= 2.5, the
+    same class as torch.cuda.OutOfMemoryError)."""
+    import torch
+
+    return tuple(
+        {
+            getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+            torch.cuda.OutOfMemoryError,
+        }
+    )
+
+
+def free_device_memory(device: str) -> None:
+    """Return the caching allocator's free blocks to CUDA (after a failed pass)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()

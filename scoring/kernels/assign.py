@@ -18,7 +18,10 @@ Two exact backends:
   other candidate, which can exceed the true second-nearest distance by at most twice the
   error bound (about 0.03 in cosine distance for bf16; `stats["second_exact"]` counts the
   exact ones). Certifying the second as well would re-check most rows of typical data, whose
-  second and third prototypes are nearly equidistant.
+  second and third prototypes are nearly equidistant. Every call runs under
+  `devices.exact_fp32` (no TF32 or bf16 passes in the fp32 re-check, whatever the process set
+  globally). On CUDA a chunk is sized from the free device memory (`search_chunk_rows`: chunk ×
+  k < 2^31), goes up through a page-locked buffer, and its results come back in one copy.
 
 ``backend="auto"`` (or the environment variable PROTOPRUNE_SEARCH_BACKEND=faiss|torch|auto,
 read by every worker) picks faiss-gpu when a GPU and faiss-gpu are present, torch on CUDA when only
@@ -33,10 +36,19 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 
-from scoring.kernels.devices import has_faiss_gpu, row_norms, torch_cuda
+from scoring.kernels.devices import (
+    exact_fp32,
+    free_cuda_bytes,
+    has_faiss_gpu,
+    row_norms,
+    search_chunk_rows,
+    torch_cuda,
+)
+from scoring.kernels.flat import FaissSearch
 
 log = logging.getLogger(__name__)
 
@@ -129,37 +141,6 @@ class NearestPrototype:
         return dict(self._torch.stats) if self._torch is not None else {}
 
 
-class FaissSearch:
-    """A faiss flat index over the centroids: exact fp32 top-2."""
-
-    def __init__(self, centroids: np.ndarray, metric: str, use_gpu: bool = False):
-        import faiss
-
-        self.metric = metric
-        self.k, d = centroids.shape
-        index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-        if use_gpu:
-            res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(res, 0, index)
-            self._res = res
-        index.add(centroids)
-        self.index = index
-
-    def search(
-        self, x: np.ndarray, scale: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        kk = min(2, self.k)
-        sims, idx = self.index.search(x, kk)
-        if self.metric == "cosine":
-            if scale is not None:  # raw rows: cos = x·c / ‖x‖ (zero rows: cos 0)
-                sims = sims / np.where(scale > 0, scale, np.float32(1.0))[:, None]
-            dist = (1.0 - sims).astype(np.float32)
-        else:
-            dist = np.sqrt(np.maximum(sims, 0.0)).astype(np.float32)
-        second = dist[:, 1] if kk == 2 else np.full(len(x), np.inf, np.float32)
-        return idx[:, 0].astype(np.int32), dist[:, 0].copy(), second.copy()
-
-
 class TorchTopKSearch:
     """Low-precision GEMM top-m, fp32 re-score, full fp32 search of the uncertain rows.
 
@@ -184,11 +165,9 @@ class TorchTopKSearch:
         self.m = min(CANDIDATES, self.k)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         self.eps = error_bound(precision, self.d)
-        if self.device.type == "cuda":
-            # fp32 accumulation inside the low-precision GEMM, true fp32 in the full re-check
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+        # fp32 accumulation inside the low-precision GEMM and true fp32 in the re-check are
+        # set on every call (devices.exact_fp32), not once here: a later global
+        # set_float32_matmul_precision("high") would turn TF32 back on
         c = torch.from_numpy(np.array(centroids, np.float32)).to(self.device)  # own, writable
         self.c32 = c
         self.cT_low = c.to(self.dtype).T.contiguous()
@@ -198,33 +177,73 @@ class TorchTopKSearch:
         self.cmax = float(torch.sqrt(2 * hn).max()) if self.k else 0.0
         self.hnmax = float(hn.max()) if metric == "l2" and self.k else 0.0
         self.g32 = 2 * self.d * 2.0**-24 / (1 - self.d * 2.0**-24)
-        if chunk_rows is None:
-            # bound the [chunk, k] score matrix: ~256 MB on a GPU, ~32 MB on a CPU
-            budget = (256 << 20) if self.device.type == "cuda" else (32 << 20)
-            chunk_rows = max(256, min(65536, budget // (4 * max(self.k, 1))))
-        self.chunk_rows = chunk_rows
+        self.fixed_chunk = chunk_rows  # None: sized from the free memory at each search
+        self.chunk_rows = chunk_rows or self._chunk_rows()
         self.stats = {"rows": 0, "rechecked": 0, "second_exact": 0}
+        self._pinned: tuple[Any, Any] | None = None  # host buffers (CUDA): rows in, results out
+
+    def _chunk_rows(self) -> int:
+        cuda = self.device.type == "cuda"
+        free = free_cuda_bytes(self.device) if cuda else None
+        return search_chunk_rows(self.k, self.d, free)
+
+    def _buffers(self, rows: int):
+        """Page-locked host buffers for one chunk: the rows in, the packed results out."""
+        torch = self.torch
+        if self._pinned is None or self._pinned[0].shape[0] < rows:
+            self._pinned = (
+                torch.empty((rows, self.d), dtype=torch.float32, pin_memory=True),
+                torch.empty((rows, 4), dtype=torch.int32, pin_memory=True),
+            )
+        return self._pinned
 
     def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host rows -> host results, chunk by chunk: on CUDA each chunk goes up through a
+        page-locked buffer and its results come back in one packed copy."""
+        torch = self.torch
         n = len(x)
         cluster = np.empty(n, np.int32)
         dist = np.empty(n, np.float32)
         second = np.empty(n, np.float32)
         with warnings.catch_warnings():  # x may be a read-only Arrow/Ray buffer: only read here
             warnings.simplefilter("ignore", UserWarning)
-            xt = self.torch.from_numpy(x)
-        for a in range(0, n, self.chunk_rows):
-            b = min(n, a + self.chunk_rows)
-            ci, d1, d2 = self.search_device(xt[a:b].to(self.device, non_blocking=True))
-            cluster[a:b] = ci.cpu().numpy()
-            dist[a:b] = d1.cpu().numpy()
-            second[a:b] = d2.cpu().numpy()
+            xt = torch.from_numpy(x)
+        cuda = self.device.type == "cuda"
+        if self.fixed_chunk is None:
+            self.chunk_rows = self._chunk_rows()
+        step = self.chunk_rows
+        pin_in, pin_out = self._buffers(min(n, step)) if cuda else (None, None)
+        with exact_fp32():
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                if cuda:
+                    pin_in[: b - a].copy_(xt[a:b])
+                    x32 = pin_in[: b - a].to(self.device, non_blocking=True)
+                else:
+                    x32 = xt[a:b]
+                ci, d1, d2, sec = self._chunk(x32)
+                packed = torch.stack(
+                    [ci, d1.view(torch.int32), d2.view(torch.int32), sec.to(torch.int32)], 1
+                )
+                if cuda:  # one copy back, then one wait
+                    pin_out[: b - a].copy_(packed, non_blocking=True)
+                    torch.cuda.current_stream(self.device).synchronize()
+                    got = pin_out[: b - a].numpy()
+                else:
+                    got = packed.numpy()
+                cluster[a:b] = got[:, 0]
+                dist[a:b] = got[:, 1].view(np.float32)
+                second[a:b] = got[:, 2].view(np.float32)
+                self.stats["second_exact"] += int(got[:, 3].sum())
         return cluster, dist, second
 
     def search_device(self, x32):
         """One chunk already on the device (float32 [n, d] tensor) -> (cluster int32,
         distance float32, second-nearest distance float32) tensors on the device."""
-        return self._chunk(x32)
+        with exact_fp32():
+            ci, d1, d2, sec = self._chunk(x32)
+        self.stats["second_exact"] += int(sec.sum())
+        return ci, d1, d2
 
     def _low_scores(self, x32):
         """Low-precision scores [n, k]: kept in bf16/fp16 for cosine (topk reads them as is)."""
@@ -263,19 +282,18 @@ class TorchTopKSearch:
             bound = lv[:, m - 1] + eps  # the best any non-candidate can score
             ok = ex[:, 0] > bound
             sec_ok = (ex[:, 1] > bound) if m > 1 else ok
-            bad = torch.nonzero(~ok).flatten()
+            bad = torch.nonzero(~ok).flatten()  # the chunk's one wait for the device
             if bad.numel():
                 ex_b, cand_b = self._full(x32[bad])
                 ex[bad] = ex_b
                 cand[bad] = cand_b
                 sec_ok[bad] = True
             self.stats["rechecked"] += int(bad.numel())
-            self.stats["second_exact"] += int(sec_ok.sum())
         else:
-            self.stats["second_exact"] += n
+            sec_ok = torch.ones(n, dtype=torch.bool, device=x32.device)
         self.stats["rows"] += n
         d1, d2 = self._distances(ex, x32, cand)
-        return cand[:, 0].to(torch.int32), d1, d2
+        return cand[:, 0].to(torch.int32), d1, d2, sec_ok
 
     def _full(self, x32):
         """Full fp32 search of some rows: fp32 top-m, then the re-score, re-ordered."""

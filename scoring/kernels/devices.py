@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -74,3 +76,64 @@ def cpu_has_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 matmuls in full fp32 inside (no TF32, no bf16 passes) and fp32 accumulation in
+    bf16/fp16 GEMMs, whatever the process set before (a model factory's
+    `torch.set_float32_matmul_precision("high")`, say); the previous settings come back after.
+    Entered on every search call: an exactness proof must not rest on a global flag."""
+    import torch
+
+    mm = torch.backends.cuda.matmul
+    reductions = (
+        mm.allow_bf16_reduced_precision_reduction,
+        mm.allow_fp16_reduced_precision_reduction,
+    )
+    try:
+        before = torch.get_float32_matmul_precision()
+        per_backend = None
+    except RuntimeError:  # the process mixed the old and the per-backend precision API
+        before, per_backend = None, _per_backend_precision(torch)
+    torch.set_float32_matmul_precision("highest")
+    mm.allow_bf16_reduced_precision_reduction = False
+    mm.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        if before is not None:
+            torch.set_float32_matmul_precision(before)
+        else:
+            for obj, value in per_backend:
+                obj.fp32_precision = value
+        mm.allow_bf16_reduced_precision_reduction, mm.allow_fp16_reduced_precision_reduction = (
+            reductions
+        )
+
+
+def _per_backend_precision(torch) -> list[tuple[object, str]]:
+    """(backend, fp32_precision) of torch >= 2.9's per-backend API, the global one first."""
+    b = torch.backends
+    objs = [b, b.cuda.matmul, b.mkldnn.matmul, b.cudnn.conv, b.mkldnn.conv]
+    return [(o, o.fp32_precision) for o in objs if hasattr(o, "fp32_precision")]
+
+
+def search_chunk_rows(k: int, d: int, free_bytes: int | None) -> int:
+    """Rows per chunk of the torch search: a quarter of the device's free memory (CUDA), for
+    the [rows, k] score matrix and the per-row work (8 bytes per score: bf16 scores, fp32 l2
+    scores and the fp32 re-check; 32 per dimension); rows · k < 2^31 (int32 indexing); a
+    multiple of 256. `free_bytes` None (CPU): a 32 MB score matrix that stays in cache."""
+    k = max(k, 1)
+    if free_bytes is None:
+        return max(256, min(65536, (32 << 20) // (4 * k)))
+    rows = (free_bytes // 4) // (8 * k + 32 * d)
+    rows = min(rows, ((1 << 31) - 1) // k, 1 << 20)
+    return max(256, rows // 256 * 256)
+
+
+def free_cuda_bytes(device) -> int:
+    """Free memory of a CUDA device, in bytes."""
+    import torch
+
+    return int(torch.cuda.mem_get_info(device)[0])
