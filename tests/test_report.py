@@ -457,7 +457,7 @@ PROBE = (
 def chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
-        pytest.fail("chromium is not installed (apt-get install -y chromium; .ci/run does it)")
+        pytest.fail("chromium is not installed (bash tests/install-chromium.sh, part of the README test command)")
     return exe
 
 
