@@ -457,7 +457,9 @@ PROBE = (
 def chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
-        pytest.fail("chromium is not installed (bash tests/install-chromium.sh, part of the README test command)")
+        pytest.fail(
+            "chromium is not installed (bash tests/install-chromium.sh, part of the README test command)"
+        )
     return exe
 
 
