@@ -139,7 +139,7 @@ def reduce(
     m = int(surv.sum())
     clock("annotate")
     parts = list(range(len(ranges)))
-    if view is not None and view.eps is not None:  # the parts whose flags were re-decided
+    if view is not None and view.eps is not None and not view.same:  # parts re-decided
         got = [layout.key_part(f) for f in out.list(layout.REDECIDED)]
         view = DedupView(view.eps, out, frozenset(p for p in got if p is not None))
         extra["redecided_parts"] = len(view.redecided)

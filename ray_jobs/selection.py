@@ -168,7 +168,8 @@ def plan_reuse(store: Store, run_doc: dict[str, Any], man: dict[str, Any], cfg):
     has_evidence = isinstance(man.get("dedup"), dict)
     if cfg.dedup_eps is None or has_evidence:
         if parts is not None:
-            return Reuse(int(parts), DedupView(cfg.dedup_eps), annotated)
+            same = has_evidence and cfg.dedup_eps == man["dedup"].get("eps")
+            return Reuse(int(parts), DedupView(cfg.dedup_eps, same=same), annotated)
     run_cfg = run_doc["config"]
     if not (run_cfg.get("save_embeddings") or run_cfg.get("dedup_eps") is not None):
         raise BadInput(

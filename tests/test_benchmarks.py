@@ -50,6 +50,15 @@ CASES = {
         ["--rows", "20000", "--dim", "16", "--k", "20", "--files", "2"],
         ["ratio protoprune / baseline"],
     ),
+    "bench_select_apply.py": (
+        ["--rows", "20000", "--files", "2", "--shard-rows", "5000", "--k", "20"],
+        [
+            "score stage:",
+            "select hard 0.5, eps",
+            "apply throughput / bare",
+            "apply files == bare files: True",
+        ],
+    ),
     "gpu_check.py": (
         ["--cpu-smoke"],
         ["| bf16 GEMM peak", "| k-means", "| MiniLM-L6 embedding", "0 wrong clusters"],

@@ -237,3 +237,30 @@ def test_select_on_s3(s3_server, ray_local):
     fdoc = run_job(cfg, quiet=True)
     assert got.equals(keep_rows(Store(f"{out}/b"), fdoc["files"]))
     assert Store(f"{out}/a/selections/s").exists("_MANIFEST.json")
+
+
+def test_eps_curve_and_report(ray_local, first, committed):
+    """The manifest's curve counts, for every eps of its grid, the rows a float64 brute-force
+    SemDeDup removes; the report plots it and shows the pairs nearest the chosen eps."""
+    from scoring.report import build_report, collect
+
+    tmp, x, ids = first
+    run, doc = committed
+    curve = doc["dedup"]["curve"]
+    assert curve["eps"][0] == 0.001 and curve["eps"][-1] == 0.3 and len(curve["eps"]) >= 10
+    assert all(a < b for a, b in zip(curve["eps"], curve["eps"][1:]))
+    sc = all_scores(run)
+    sid, cl, dist = sc["id"].to_pylist(), sc["cluster"].to_numpy(), sc["distance"].to_numpy()
+    pos = {v: i for i, v in enumerate(ids)}
+    xs = x[[pos[v] for v in sid]]
+    want = [len(sid) - len(dedup_survivors(sid, cl, dist, xs, e)) for e in curve["eps"]]
+    assert curve["removed"] == want and want[0] < want[-1]
+    data = collect(run)
+    thr = 1.0 - RUN_EPS
+    verdicts = [v for _, v in data.near_eps]
+    assert verdicts.count("removed") == verdicts.count("kept") == 4
+    for d, v in data.near_eps:
+        assert (d.similarity >= thr) == (v == "removed")
+        assert d.of.id is not None and d.of.cluster == d.row.cluster
+    page = build_report(run)
+    assert "Choosing eps" in page and 'alt="rows removed by eps"' in page

@@ -54,11 +54,13 @@ class DedupView:
     """The dedup of a selection over a run's annotated parts (`protoprune select`): a row is a
     duplicate when its stored max_similarity is >= 1 - eps, except the rows whose flag was
     re-decided from the embeddings (layout.redecided_key(part) in `store`, for the parts in
-    `redecided`). eps None: no dedup, every row survives and the dedup columns are dropped."""
+    `redecided`). eps None: no dedup, every row survives and the dedup columns are dropped.
+    `same`: eps is the run's own, whose exact flags are the `duplicate` column."""
 
     eps: float | None
     store: Store | None = None  # the selection folder
     redecided: frozenset[int] = frozenset()
+    same: bool = False
 
     def flags(self, table: pa.Table, part: int) -> np.ndarray:
         sim = table[layout.MAX_SIMILARITY].to_numpy(zero_copy_only=False)
@@ -73,6 +75,8 @@ class DedupView:
         """The part with its `duplicate` column decided for this eps (none without dedup)."""
         if self.eps is None:
             return table.drop_columns([c for c in layout.DEDUP_COLUMNS if c in table.column_names])
+        if self.same:
+            return table
         i = table.column_names.index(layout.DUPLICATE)
         return table.set_column(i, layout.DUPLICATE, pa.array(self.flags(table, part)))
 

@@ -46,7 +46,7 @@ def recount_part(task: RecountTask) -> RangeResult:
     if t is None or t.num_rows == 0:
         return RangeResult.empty(task.k)
     view = task.view
-    if view.eps is not None:
+    if view.eps is not None and not view.same:
         view = redecide(task, t)
     live = survivors(t, view, task.part)
     return summarize(t, live, task.k, task.rule, task.seed, task.quotas, task.out, task.part)
