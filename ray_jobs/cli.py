@@ -4,6 +4,8 @@
     protoprune status RUN_FOLDER [--json]               progress and failures of a run
     protoprune demo DIR                                 write a small demo dataset
     protoprune report RUN_URL                           write RUN_URL/report/index.html
+    protoprune select RUN_URL --name NAME [...]         another selection from a run's scores
+    protoprune apply RUN_URL --output URL [...]         write the pruned dataset
 
 User errors (`scoring.errors.UserError`: bad flags, bad config, bad input data, storage the user
 must fix) print one line `protoprune: error: ...` and exit with status 2 (1 when shards failed
@@ -21,6 +23,7 @@ import os
 import sys
 from typing import Any
 
+from ray_jobs.cli_select import add_select_parsers, cmd_apply, cmd_select
 from scoring.config import FIELDS, load_yaml, make_config
 from scoring.errors import BadConfig, UserError, first_line
 
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--files", type=int, default=4)
     d.add_argument("--seed", type=int, default=0)
     add_report_parser(sub)
+    add_select_parsers(sub)
     return p
 
 
@@ -305,6 +309,8 @@ COMMANDS = {
     "status": cmd_status,
     "report": cmd_report,
     "evaluate": cmd_evaluate,
+    "select": cmd_select,
+    "apply": cmd_apply,
 }
 
 

@@ -331,12 +331,13 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     return doc
 
 
-def write_report_logged(store: Store) -> str | None:
-    """Write report/index.html; a failure is logged, never raised (the run is committed)."""
+def write_report_logged(store: Store, selection: str | None = None) -> str | None:
+    """Write report/index.html (of a selection: selections/NAME/report/index.html); a failure
+    is logged, never raised (the run is committed)."""
     try:
         from scoring.report import write_report
 
-        return write_report(store)
+        return write_report(store, selection=selection)
     except Exception as e:  # noqa: BLE001 - the report must not fail a committed run
         log.error("report not written for %s: %s: %s", store.uri(), type(e).__name__, e)
         log.debug("report failure", exc_info=True)

@@ -47,6 +47,24 @@ def report(run_url: str, storage_options: dict[str, Any] | None = None, **kwargs
     return write_report(Store(run_url, storage_options), **kwargs)
 
 
+def select(run_url: str, name: str, **settings: Any) -> dict[str, Any]:
+    """A new selection from a committed run (`protoprune select`); returns its manifest
+    (`<run_url>/selections/<name>/_MANIFEST.json`). Settings: strategy, keep_fraction or
+    keep_count, dedup_eps (None: no dedup), dbp_temperature, label_column, storage_options,
+    quiet, address; unset ones are the run's."""
+    from ray_jobs.selection import select as run_select
+
+    return run_select(run_url, name, **settings)
+
+
+def apply(run_url: str, output: str, **options: Any) -> dict[str, Any]:
+    """Write the pruned dataset (`protoprune apply`): selection, columns, with_scores,
+    storage_options, quiet, address. Returns the output's `_MANIFEST.json`."""
+    from ray_jobs.apply import apply as run_apply
+
+    return run_apply(run_url, output, **options)
+
+
 def entry(argv: list[str] | None = None) -> int:
     from ray_jobs.cli import main
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,26 +21,36 @@ from ray_jobs import scheduler as sch
 from ray_jobs.placement import gpu_task_share
 from scoring import commit, layout, strategies
 from scoring.errors import RunFailed
+from scoring.kernels.dedup import EPS_GRID
 from scoring.kernels.percentile import PercentileBins
 from scoring.kernels.quotas import plan_cluster_ranges
 from scoring.kernels.radix import ThresholdSearch
-from scoring.stages import annotate, keep, stats
+from scoring.stages import annotate, keep, reselect, stats
+from scoring.stages.keep import DedupView
 from scoring.strategies import GlobalRule, QuotaInput
 
 log = logging.getLogger("protoprune")
 
 
-def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
-    """The manifest document of `run` (a driver.Run whose shards are all scored)."""
+def reduce(
+    run, centroids: np.ndarray, sha: str, prefix: str = "", reuse: Reuse | None = None
+) -> dict[str, Any]:
+    """The manifest document of `run` (a driver.Run whose shards are all scored).
+
+    A selection (`protoprune select`, ray_jobs.selection) passes `prefix`, its folder inside
+    the run folder, where annotated/ (when it needs new evidence) and keep/ go, and `reuse`
+    when it selects from the run's committed annotated parts instead of a new range pass."""
     cfg, store, k = run.cfg, run.store, run.cfg.k
+    out = store.child(prefix) if prefix else store
     rule = strategies.get(cfg.strategy)
     idx = [s.index for s in run.shards]
     par = 2 * sch.cluster_cpus()
     quiet = run.quiet
     # keep/ is not committed before the manifest: parts of an interrupted reduce go.
-    store.delete(layout.KEEP)
+    out.delete(layout.KEEP)
     clock = _Clock()
-    check_duplicate_ids(run, idx, par)
+    if reuse is None:  # a selection's run has passed this check
+        check_duplicate_ids(run, idx, par)
     clock("duplicate ids")
 
     groups = stats.shard_groups(idx, 2 * par)
@@ -67,6 +78,8 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     # for a last large one
     max_rows = min(annotate.range_rows(dedup, dim, memory), max(1, -(-n // par)))
     ranges = plan_cluster_ranges(st.counts, max_rows)
+    if reuse is not None:
+        ranges = [None] * reuse.parts  # the run's parts
     extra["cluster_ranges"] = len(ranges)
 
     def quotas_of(counts, dist_sum, n):
@@ -82,20 +95,35 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
         else (None, "hardest")
     )
     global_rule = rule if isinstance(rule, GlobalRule) else None
-    tasks = [
-        annotate.RangeTask(
-            store, idx, part, lo, hi, k, bins, cfg.effective_dedup_eps, quotas_now, global_rule, cfg.seed,
-            stream_dim=annotate.stream_dim(st.counts, lo, hi, dedup, dim, memory),
-            memory=memory, within=within,
-        )
-        for part, (lo, hi) in enumerate(ranges)
-    ]  # fmt: skip
+    view = reuse.view if reuse is not None else None
+    ann = store if reuse is not None else out  # where the annotated parts are read
+    if reuse is not None:
+        fn = reselect.recount_part
+        tasks = [
+            reselect.RecountTask(
+                store, out, idx, part, k, view, dim, quotas_now, global_rule, cfg.seed,
+                within=within,
+            )
+            for part in range(reuse.parts)
+        ]  # fmt: skip
+    else:
+        fn = annotate.annotate_range
+        tasks = [
+            annotate.RangeTask(
+                store, idx, part, lo, hi, k, bins, cfg.effective_dedup_eps, quotas_now,
+                global_rule, cfg.seed,
+                stream_dim=annotate.stream_dim(st.counts, lo, hi, dedup, dim, memory),
+                memory=memory, out=out, within=within,
+            )
+            for part, (lo, hi) in enumerate(ranges)
+        ]  # fmt: skip
     # dedup's block products run on a GPU when the cluster has one: each range task asks for
     # a share of one GPU so that every CPU of a GPU node runs one at once (a whole GPU each
     # ran as many as there are GPUs), and keeps its process for the next (scheduler.Tasks:
     # max_calls=0, where Ray's default for GPU tasks is a fresh process per call). Ray 2.60
     # no longer hides GPUs from tasks that ask for none, so the request is what places them.
-    share = gpu_task_share() if dedup else 0.0
+    # A selection's recount re-decides few rows: no GPU.
+    share = gpu_task_share() if dedup and reuse is None else 0.0
     surv = np.zeros(k, np.int64)
     surv_dist = np.zeros(k, np.float64)
     removed = np.zeros(k, np.int64)
@@ -104,9 +132,8 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     kept_parts: list[keep.KeepResult] = []
     annotated: list[str] = []
     first_hist = None
-    for res in sch.map_tasks(
-        annotate.annotate_range, tasks, par, "reduce: ranges", quiet, 1, share
-    ):
+    curve = None
+    for res in sch.map_tasks(fn, tasks, par, "reduce: ranges", quiet, 1, share):
         surv += res.survivors
         surv_dist += res.survivor_dist_sum
         removed += res.removed
@@ -118,19 +145,31 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
             first_hist = res.key_hist + (0 if first_hist is None else first_hist)
         if res.keep is not None:
             kept_parts.append(res.keep)
+        if res.curve is not None:
+            curve = res.curve + (0 if curve is None else curve)
     m = int(surv.sum())
     clock("annotate")
     parts = list(range(len(ranges)))
+    if view is not None and view.eps is not None and not view.same:  # parts re-decided
+        got = [layout.key_part(f) for f in out.list(layout.REDECIDED)]
+        view = DedupView(view.eps, out, frozenset(p for p in got if p is not None))
+        extra["redecided_parts"] = len(view.redecided)
+    kw = dict(out=out, view=view)
     if rule.per_cluster and dedup:
         q, within = quotas_of(surv, surv_dist, min(n_keep, m))
-        tasks = [keep.KeepTask(store, p, k, quotas=q, within=within, seed=cfg.seed) for p in parts]
+        tasks = [
+            keep.KeepTask(ann, p, k, quotas=q, within=within, seed=cfg.seed, **kw) for p in parts
+        ]
         kept_parts += sch.map_tasks(keep.keep_part, tasks, par, "reduce: keep", quiet)
     elif global_rule is not None:
-        th, passes = global_threshold(run, global_rule, parts, min(n_keep, m), m, par, first_hist)
+        th, passes = global_threshold(
+            run, global_rule, parts, min(n_keep, m), m, par, first_hist, ann, view
+        )
         extra["threshold"] = th.to_json()
         extra["select_passes"] = passes
         tasks = [
-            keep.KeepTask(store, p, k, rule=global_rule, seed=cfg.seed, threshold=th) for p in parts
+            keep.KeepTask(ann, p, k, rule=global_rule, seed=cfg.seed, threshold=th, **kw)
+            for p in parts
         ]
         kept_parts += sch.map_tasks(keep.keep_part, tasks, par, "reduce: keep", quiet)
     kept = sum((r.kept for r in kept_parts), np.zeros(k, np.int64))
@@ -140,6 +179,9 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     for r in kept_parts:
         labels_kept.update(r.labels)
     files = sorted((r.entry for r in kept_parts if r.entry), key=lambda f: f["path"])
+    if prefix:  # paths in a selection's manifest are relative to the run folder
+        files = [dict(f, path=f"{prefix}/{f['path']}") for f in files]
+        annotated = list(reuse.annotated) if reuse else [f"{prefix}/{a}" for a in annotated]
     expect = min(n_keep, m)
     assert int(kept.sum()) == expect, f"kept {int(kept.sum())} rows, expected {expect}"
     if dedup:
@@ -149,6 +191,8 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
             "survivors": m,
             "removed_per_cluster": removed.tolist(),
         }
+        if curve is not None:  # from the stored similarities (see kernels.dedup.removal_curve)
+            extra["dedup"]["curve"] = {"eps": list(EPS_GRID), "removed": curve.tolist()}
     if cfg.label_column:
         extra["labels"] = {
             "column": cfg.label_column,
@@ -180,6 +224,15 @@ def reduce(run, centroids: np.ndarray, sha: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """A selection over the run's `parts` committed annotated parts, with dedup `view`."""
+
+    parts: int
+    view: DedupView
+    annotated: tuple[str, ...]  # their keys in the run folder
+
+
 class _Clock:
     """Seconds of each pass of the reduce, logged and kept for the manifest."""
 
@@ -195,10 +248,13 @@ class _Clock:
 
 
 def global_threshold(
-    run, rule: GlobalRule, parts: list[int], n_keep: int, m: int, par: int, first_hist
-):
+    run, rule: GlobalRule, parts: list[int], n_keep: int, m: int, par: int, first_hist,
+    ann=None, view: DedupView | None = None,
+):  # fmt: skip
     """The exact (key, id) threshold of a global rule over the survivors of all parts.
-    `first_hist`: the first digit's histogram, summed from the range pass (no read)."""
+    `first_hist`: the first digit's histogram, summed from the range pass (no read).
+    `ann`: the store of the annotated parts (default the run folder), `view`: a selection's
+    dedup over them."""
     search = ThresholdSearch(n_keep, m, rule.key_bits)
     if first_hist is not None and search.request() == ("hist", 0, 0, n_keep):
         search.add_histogram(first_hist)
@@ -207,7 +263,8 @@ def global_threshold(
         mode, prefix, bits, limit = req
         lim = None if mode == "hist" else limit
         tasks = [
-            keep.SelectTask(run.store, p, rule, run.cfg.seed, prefix, bits, lim) for p in parts
+            keep.SelectTask(ann or run.store, p, rule, run.cfg.seed, prefix, bits, lim, view)
+            for p in parts
         ]
         for got in sch.map_tasks(keep.select_pass, tasks, par):
             if mode == "hist":

@@ -15,7 +15,16 @@ A key is a pure function of (stage, unit); a retry writes the same key with the 
       keep/part-NNNNNN.parquet           the keep list
       _tmp/...                           spill space of one task, deleted by it
       report/index.html                  the report
+      selections/<NAME>/                 a later selection (`protoprune select`): selection.json,
+                                         keep/, _redecided/, report/, _MANIFEST.json (its commit)
       _MANIFEST.json                     written last: the commit of the whole run
+
+    <apply output>/                      the pruned dataset (`protoprune apply`), outside the run
+      _APPLY.json                        what it is made from (run, selection, columns)
+      _index/part-NNNNNN.parquet         per keep part: INDEX_COLUMNS, sorted by input shard
+      part-NNNNNN.parquet                input shard N's kept rows, the input's schema
+      _commits/apply/shard-NNNNNN.json   per-part markers
+      _MANIFEST.json                     written last
 """
 
 from __future__ import annotations
@@ -40,6 +49,12 @@ TMP = "_tmp"
 PROTOTYPES = "prototypes"
 REPORT_DIR = "report"
 REDUCE = "reduce"  # the stage name of the reduce's failure records
+SELECTIONS = "selections"
+SELECTION_JSON = "selection.json"  # a selection's settings, create-only (refuses other ones)
+REDECIDED = "_redecided"  # a selection's re-decided duplicate flags (a changed eps)
+APPLY_JSON = "_APPLY.json"
+APPLY_INDEX = "_index"
+APPLY = "apply"  # the stage name of apply's markers
 
 # Tables. The first three score columns are the contract other tools read (DESIGN §4).
 SCORE_COLUMNS = ("id", "cluster", "distance", "margin")
@@ -51,6 +66,10 @@ DUPLICATE = "duplicate"
 MAX_SIMILARITY = "max_similarity"
 DUPLICATE_OF = "duplicate_of"
 DEDUP_COLUMNS = (DUPLICATE, MAX_SIMILARITY, DUPLICATE_OF)
+REDECIDED_COLUMNS = ("row", DUPLICATE)  # row: position in the annotated part
+SHARD = "shard"
+WITH_SCORES = ("cluster", "distance", PERCENTILE)  # added to apply's rows by --with-scores
+INDEX_COLUMNS = (SHARD, "id", *WITH_SCORES)
 ROW_GROUP = 65_536  # rows per row group of every table the run writes
 
 # Wiping a run (--force-new): the manifest first (no reader may trust a half-deleted run), then
@@ -69,6 +88,7 @@ WIPE_ORDER = (
     EMBEDDINGS,
     PROTOTYPES,
     REPORT_DIR,
+    SELECTIONS,
     RUN_JSON,
 )
 
@@ -117,6 +137,24 @@ def failure_key(stage: str, name: str) -> str:
     return f"{failure_dir(stage)}{name}.json"
 
 
+def selection_prefix(name: str) -> str:
+    """The folder of selection `name` inside the run folder."""
+    return f"{SELECTIONS}/{name}"
+
+
+def redecided_key(part: int) -> str:
+    return f"{REDECIDED}/{part_name(part)}.parquet"
+
+
+def apply_part_key(shard: int) -> str:
+    """The pruned dataset's file of input shard `shard` (below the apply output)."""
+    return f"{part_name(shard)}.parquet"
+
+
+def apply_index_key(part: int) -> str:
+    return f"{APPLY_INDEX}/{part_name(part)}.parquet"
+
+
 def dedup_spill(part: int) -> str:
     """Spill folder of one cluster too large for memory (deleted by the task that made it)."""
     return f"{TMP}/dedup/{part_name(part)}"
@@ -136,4 +174,13 @@ _SHARD_RE = re.compile(r"shard-(\d+)\.json$")
 def marker_shard(key: str) -> int | None:
     """The shard index of a marker key, or None for a key that is not a marker."""
     m = _SHARD_RE.search(key)
+    return int(m.group(1)) if m else None
+
+
+_PART_RE = re.compile(r"part-(\d+)\.\w+$")
+
+
+def key_part(key: str) -> int | None:
+    """The part number of a part-NNNNNN key, or None."""
+    m = _PART_RE.search(key)
     return int(m.group(1)) if m else None

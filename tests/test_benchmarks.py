@@ -65,6 +65,15 @@ CASES = {
         ],
         ["**digits-clean**", "| auto | ", "digits-redundant 20%: auto", "auto >= full pool"],
     ),  # fmt: skip
+    "bench_select_apply.py": (
+        ["--rows", "20000", "--files", "2", "--shard-rows", "5000", "--k", "20"],
+        [
+            "score stage:",
+            "select hard 0.5, eps",
+            "apply throughput / bare",
+            "apply files == bare files: True",
+        ],
+    ),
     "gpu_check.py": (
         ["--cpu-smoke"],
         [

@@ -31,6 +31,33 @@ def rounding_bound(d: int) -> float:
     return max(1e-5, 4.0 * d * 2.0**-24)
 
 
+# the eps grid of the manifest's removal curve: log-spaced from 0.001 to 0.3
+EPS_GRID = tuple(float(f"{e:.4g}") for e in np.geomspace(1e-3, 0.3, 25))
+
+
+def stored_bound(d: int) -> float:
+    """A safe bound on |stored max_similarity - exact cosine|: the float32 products'
+    `rounding_bound` plus the float32 rounding of the stored value (|v| <= 1)."""
+    return rounding_bound(d) + 2.0**-23
+
+
+def removal_curve(max_similarity: np.ndarray, grid=EPS_GRID) -> np.ndarray:
+    """int64 [len(grid)]: rows whose stored similarity is >= 1 - eps, per eps of the grid
+    (nulls as NaN count for none)."""
+    s = np.sort(np.asarray(max_similarity, np.float64))
+    s = s[np.isfinite(s)]
+    thr = 1.0 - np.asarray(grid, np.float64)
+    return (len(s) - np.searchsorted(s, thr, side="left")).astype(np.int64)
+
+
+def exact_max_earlier(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 max cosine of the rank-ordered rows `rows` of x (one cluster) to their earlier
+    rows, and that row's rank ((-inf, -1) for rank 0): the re-decision of a changed eps."""
+    x64 = exact_unit(x)
+    rows = np.asarray(rows, np.int64)
+    return _exact_earlier(x64[rows], rows, x64, 0)
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length in float32 (zero rows stay zero)."""
     x = np.asarray(x, np.float32)

@@ -23,18 +23,32 @@ from scoring.storage import Store
 log = logging.getLogger(__name__)
 
 
-def build_report(store: Store, example_column: str | None = None, max_rows: int = MAX_ROWS) -> str:
-    """The report page of the run folder `store` (finished or not)."""
-    return render_html(collect(store, example_column=example_column, max_rows=max_rows))
+def build_report(
+    store: Store,
+    example_column: str | None = None,
+    max_rows: int = MAX_ROWS,
+    selection: str | None = None,
+) -> str:
+    """The report page of the run folder `store` (finished or not), or of one of its
+    committed selections."""
+    data = collect(store, example_column=example_column, max_rows=max_rows, selection=selection)
+    return render_html(data)
 
 
-def write_report(store: Store, example_column: str | None = None, max_rows: int = MAX_ROWS) -> str:
-    """Build the report and write it to report/index.html; returns its URL."""
+def write_report(
+    store: Store,
+    example_column: str | None = None,
+    max_rows: int = MAX_ROWS,
+    selection: str | None = None,
+) -> str:
+    """Build the report and write it to report/index.html (a selection's: in its folder);
+    returns its URL."""
     t0 = time.perf_counter()
-    page = build_report(store, example_column=example_column, max_rows=max_rows)
-    store.put_bytes(layout.REPORT, page.encode("utf-8"))
-    log.info("report %s written (%.1fs)", store.uri(layout.REPORT), time.perf_counter() - t0)
-    return store.uri(layout.REPORT)
+    page = build_report(store, example_column, max_rows, selection)
+    key = f"{layout.selection_prefix(selection)}/{layout.REPORT}" if selection else layout.REPORT
+    store.put_bytes(key, page.encode("utf-8"))
+    log.info("report %s written (%.1fs)", store.uri(key), time.perf_counter() - t0)
+    return store.uri(key)
 
 
 __all__ = [

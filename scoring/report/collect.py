@@ -87,12 +87,21 @@ def collect(
     example_column: str | None = None,
     max_rows: int = MAX_ROWS,
     n_bins: int = N_BINS,
+    selection: str | None = None,
 ) -> ReportData:
-    """Read what the run folder holds into a ReportData (bounded memory, Store IO only)."""
+    """Read what the run folder holds into a ReportData (bounded memory, Store IO only); with
+    `selection`, that committed selection's manifest and keep files instead of the run's."""
     run = read_json_or_none(store, layout.RUN_JSON)
     if run is None:
         raise NotFound(f"{store.uri()}: not a protoprune run folder (no {layout.RUN_JSON})")
-    man = read_json_or_none(store, layout.MANIFEST)
+    man_key = layout.MANIFEST
+    if selection:
+        man_key = f"{layout.selection_prefix(selection)}/{layout.MANIFEST}"
+        if not store.exists(man_key):
+            raise NotFound(
+                f"{store.uri(man_key)}: not found (no committed selection {selection!r})"
+            )
+    man = read_json_or_none(store, man_key)
     cfg = run.get("config", {})
     shards = [Shard.from_json(s) for s in run.get("shards", [])]
     proto = read_json_or_none(store, layout.PROTOTYPES_COMMIT)
@@ -100,7 +109,7 @@ def collect(
     marks = commit.committed(store, layout.SCORES)
     markers = commit.current(marks, proto_sha) if proto_sha is not None else marks
     data = ReportData(
-        uri=store.uri(),
+        uri=store.uri(layout.selection_prefix(selection) if selection else ""),
         run=run,
         manifest=man,
         shards_total=len(shards),

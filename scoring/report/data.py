@@ -62,6 +62,7 @@ class ReportData:
     duplicates: int | None = None  # rows flagged `duplicate` in annotated/ (scaled when subset)
     duplicates_exact: bool = True  # every annotated part the manifest lists was read
     duplicate_examples: list[Duplicate] = field(default_factory=list)
+    near_eps: list[tuple[Duplicate, str]] = field(default_factory=list)  # (pair, removed|kept)
     marker_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 

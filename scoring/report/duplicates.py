@@ -58,6 +58,10 @@ def collect_duplicates(
         )
         return
     parts = [(key, pf.metadata.num_rows) for key, pf in pfs.items()]
+    dd = man["dedup"]
+    eps = dd.get("eps")
+    # a selection over the run's parts with another eps: its flags follow from max_similarity
+    by_sim = bool((man.get("selection") or {}).get("from_annotated")) and eps is not None
     # examples from an evenly spaced subset of the parts beyond max_rows; the count from the
     # (tiny, run-length encoded) flag column of every part, so it is always exact
     chosen = {key for key, _ in subset(parts, max_rows)}
@@ -72,8 +76,12 @@ def collect_duplicates(
         prefetch_groups(pf, range(n_groups), [layout.DUPLICATE])
         rows: list[dict[str, Any]] = []
         for g in range(n_groups):
-            flag = pf.read_row_group(g, columns=[layout.DUPLICATE])[layout.DUPLICATE]
-            flag = flag.fill_null(False)
+            if by_sim:
+                sim = pf.read_row_group(g, columns=[layout.MAX_SIMILARITY])[layout.MAX_SIMILARITY]
+                flag = pc.greater_equal(sim, 1.0 - float(eps)).fill_null(False)
+            else:
+                flag = pf.read_row_group(g, columns=[layout.DUPLICATE])[layout.DUPLICATE]
+                flag = flag.fill_null(False)
             n = int(pc.sum(flag).as_py() or 0)
             flagged += n
             want = min(n, per_group, N_CANDIDATES - len(found) - len(rows)) if examples else 0
@@ -82,8 +90,10 @@ def collect_duplicates(
                 take = np.unique(np.linspace(0, n - 1, want).round().astype(np.int64))
                 rows += t.take(pa.array(take)).to_pylist()
         found += _with_originals(pf, rows)
-    data.duplicates = flagged
+    data.duplicates = int(dd.get("removed", flagged)) if by_sim else flagged
     data.duplicates_exact = len(parts) == len(keys)
+    if eps is not None and len(chosen):
+        data.near_eps = near_threshold(pfs, sorted(chosen), 1.0 - float(eps))
     if len(chosen) < len(parts):
         data.notes.append(
             f"Duplicate examples are drawn from {len(chosen)} of {len(parts)} annotated parts "
@@ -142,3 +152,30 @@ def _locate(store: Store, score_files: list[tuple[str, int]], items: list[Exampl
                 missing.discard(i)
     for e in items:
         e.shard = shard_of.get(e.id)
+
+
+def near_threshold(pfs: dict[str, Any], keys: list[str], thr: float, n: int = N_DUPLICATES // 2):
+    """The n rows whose max_similarity is nearest above `thr` (removed) and the n nearest
+    below it (kept), from the parts `keys`, with the rows they are compared to. One read of
+    the similarity column per row group, then the few chosen rows."""
+    above: list[tuple[float, str, int, int]] = []
+    below: list[tuple[float, str, int, int]] = []
+    for key in keys:
+        pf = pfs[key]
+        if layout.MAX_SIMILARITY not in pf.schema_arrow.names:
+            continue
+        for g in range(pf.metadata.num_row_groups):
+            col = pf.read_row_group(g, columns=[layout.MAX_SIMILARITY])[layout.MAX_SIMILARITY]
+            gap = col.to_numpy(zero_copy_only=False).astype(np.float64) - thr
+            for side, sel in ((above, gap >= 0), (below, gap < 0)):
+                idx = np.flatnonzero(sel & np.isfinite(gap))
+                idx = idx[np.argsort(np.abs(gap[idx]), kind="stable")[:n]]
+                side.extend((abs(float(gap[i])), key, g, int(i)) for i in idx)
+                side.sort()
+                del side[n:]
+    out = []
+    for verdict, side in (("removed", above), ("kept", below)):
+        for _, key, g, i in side:
+            rows = read_groups(pfs[key], [g], EVIDENCE).slice(i, 1).to_pylist()
+            out += [(d, verdict) for d in _with_originals(pfs[key], rows)]
+    return out

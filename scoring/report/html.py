@@ -16,6 +16,7 @@ import numpy as np
 from scoring import layout
 from scoring.report import figures
 from scoring.report.content import THUMB_PX
+from scoring.report.curve import curve_html, fig_eps_curve
 from scoring.report.data import Example, ReportData
 from scoring.report.markup import CSS, Raw, esc, fmt, img, is_numbers, table, value_html
 from scoring.report.tables import CLUSTER, DISTANCE, ID
@@ -45,6 +46,7 @@ def render_html(data: ReportData) -> str:
         "labels": figures.fig_labels,
         "timings": figures.fig_timings,
         "dedup": figures.fig_dedup,
+        "eps": fig_eps_curve,
         "dbp": figures.fig_dbp,
     }
     try:
@@ -103,6 +105,7 @@ def render_html(data: ReportData) -> str:
     p.append(_labels(data, figs.get("labels")))
     p.append(_examples(data))
     p.append(_dedup(data, figs.get("dedup")))
+    p.append(curve_html(data, figs.get("eps")))
     if data.finished:
         p.append("<h2>Selection</h2>" + _selection_table(data))
     p.append(_timings(data, figs.get("timings")))

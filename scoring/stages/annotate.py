@@ -23,7 +23,13 @@ import pyarrow.compute as pc
 from scoring import layout
 from scoring.errors import BadInput
 from scoring.inputs.parquet import groups_overlapping, read_groups
-from scoring.kernels.dedup import DEFAULT_BLOCK, Evidence, dedup_sorted, streamed_evidence
+from scoring.kernels.dedup import (
+    DEFAULT_BLOCK,
+    Evidence,
+    dedup_sorted,
+    removal_curve,
+    streamed_evidence,
+)
 from scoring.kernels.percentile import PercentileBins
 from scoring.kernels.radix import key_histogram
 from scoring.stages.keep import KeepResult, cluster_counts, keep_quotas, label_counts, survivors
@@ -39,7 +45,7 @@ DEDUP_MEMORY_FLOATS = 1 << 28  # with dedup: at most ~1 GiB of float32 embedding
 class RangeTask:
     """Annotate clusters [lo, hi) into annotated part `part`."""
 
-    store: Store  # the run folder
+    store: Store  # the run folder (scores, embeddings)
     shards: list[int]
     part: int
     lo: int
@@ -54,6 +60,7 @@ class RangeTask:
     stream_dim: int | None = None  # one cluster larger than `memory` floats: stream it
     memory: int = DEDUP_MEMORY_FLOATS
     within: str = "hardest"  # with quotas: the rule's order inside clusters
+    out: Store | None = None  # where annotated/ and keep/ go (a selection); None: `store`
 
 
 @dataclass
@@ -66,6 +73,7 @@ class RangeResult:
     annotated: str | None = None  # the part's key (None for an empty range)
     keep: KeepResult | None = None  # with quotas
     key_hist: np.ndarray | None = None  # with a global rule
+    curve: np.ndarray | None = None  # with dedup evidence: rows removed per eps of EPS_GRID
 
     @staticmethod
     def empty(k: int) -> RangeResult:
@@ -154,9 +162,8 @@ def annotate_range(task: RangeTask) -> RangeResult:
     t, x = read_range(
         task.store, task.shards, task.lo, task.hi, eps is not None and not stream, stream
     )
-    res = RangeResult.empty(task.k)
     if t is None or t.num_rows == 0:
-        return res
+        return RangeResult.empty(task.k)
     idx = pc.sort_indices(
         t, sort_keys=[("cluster", "ascending"), ("distance", "descending"), ("id", "ascending")]
     )
@@ -170,24 +177,46 @@ def annotate_range(task: RangeTask) -> RangeResult:
     t = t.append_column(layout.PERCENTILE, pa.array(task.bins.percentile(t["distance"].to_numpy())))
     if ev is not None:
         t = evidence_columns(t, ev)
-    task.store.write_parquet(layout.annotated_key(task.part), t, row_group_size=layout.ROW_GROUP)
-    res.annotated = layout.annotated_key(task.part)
-    live = survivors(t)
-    cl = live["cluster"].to_numpy()
-    res.survivors = np.bincount(cl, minlength=task.k).astype(np.int64)
-    res.survivor_dist_sum = np.bincount(
-        cl, weights=live["distance"].to_numpy().astype(np.float64), minlength=task.k
+    out = task.out or task.store
+    out.write_parquet(layout.annotated_key(task.part), t, row_group_size=layout.ROW_GROUP)
+    res = summarize(
+        t, survivors(t), task.k, task.rule, task.seed, task.quotas, out, task.part, task.within
     )
-    res.removed = cluster_counts(t, task.k) - res.survivors
+    res.annotated = layout.annotated_key(task.part)
+    return res
+
+
+def summarize(
+    t: pa.Table,
+    live: pa.Table,
+    k: int,
+    rule,
+    seed: int,
+    quotas,
+    out: Store,
+    part: int,
+    within: str = "hardest",
+) -> RangeResult:
+    """A range's counts from its annotated rows `t` and their survivors `live`: survivors,
+    removed, labels, the removal curve, the first digit's histogram of a global `rule`, and
+    the keep part by `quotas` in the order `within` (written to `out`) when they are known."""
+    res = RangeResult.empty(k)
+    cl = live["cluster"].to_numpy()
+    res.survivors = np.bincount(cl, minlength=k).astype(np.int64)
+    res.survivor_dist_sum = np.bincount(
+        cl, weights=live["distance"].to_numpy().astype(np.float64), minlength=k
+    )
+    res.removed = cluster_counts(t, k) - res.survivors
     res.labels = label_counts(t)
     res.survivor_labels = label_counts(live)
-    if task.rule is not None:
-        keys = task.rule.key(live["distance"].to_numpy(), live["id"].combine_chunks(), task.seed)
-        res.key_hist = key_histogram(keys, 0, 0, task.rule.key_bits)
-    if task.quotas is not None:
-        res.keep = keep_quotas(
-            task.store, task.part, live, task.quotas, task.k, task.within, task.seed
-        )
+    if layout.MAX_SIMILARITY in t.column_names:
+        sim = t[layout.MAX_SIMILARITY].to_numpy(zero_copy_only=False)
+        res.curve = removal_curve(sim)
+    if rule is not None:
+        keys = rule.key(live["distance"].to_numpy(), live["id"].combine_chunks(), seed)
+        res.key_hist = key_histogram(keys, 0, 0, rule.key_bits)
+    if quotas is not None:
+        res.keep = keep_quotas(out, part, live, quotas, k, within, seed)
     return res
 
 

@@ -50,8 +50,43 @@ def cluster_counts(table: pa.Table, k: int) -> np.ndarray:
     return np.bincount(table["cluster"].to_numpy(), minlength=k).astype(np.int64)
 
 
-def survivors(table: pa.Table) -> pa.Table:
-    """The rows dedup did not flag (all rows without dedup)."""
+@dataclass(frozen=True)
+class DedupView:
+    """The dedup of a selection over a run's annotated parts (`protoprune select`): a row is a
+    duplicate when its stored max_similarity is >= 1 - eps, except the rows whose flag was
+    re-decided from the embeddings (layout.redecided_key(part) in `store`, for the parts in
+    `redecided`). eps None: no dedup, every row survives and the dedup columns are dropped.
+    `same`: eps is the run's own, whose exact flags are the `duplicate` column."""
+
+    eps: float | None
+    store: Store | None = None  # the selection folder
+    redecided: frozenset[int] = frozenset()
+    same: bool = False
+
+    def flags(self, table: pa.Table, part: int) -> np.ndarray:
+        sim = table[layout.MAX_SIMILARITY].to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            dup = np.nan_to_num(sim, nan=-np.inf) >= 1.0 - float(self.eps)
+        if part in self.redecided:
+            r = self.store.read_parquet(layout.redecided_key(part))
+            dup[r["row"].to_numpy()] = r[layout.DUPLICATE].to_numpy(zero_copy_only=False)
+        return dup
+
+    def apply(self, table: pa.Table, part: int) -> pa.Table:
+        """The part with its `duplicate` column decided for this eps (none without dedup)."""
+        if self.eps is None:
+            return table.drop_columns([c for c in layout.DEDUP_COLUMNS if c in table.column_names])
+        if self.same:
+            return table
+        i = table.column_names.index(layout.DUPLICATE)
+        return table.set_column(i, layout.DUPLICATE, pa.array(self.flags(table, part)))
+
+
+def survivors(table: pa.Table, view: DedupView | None = None, part: int = -1) -> pa.Table:
+    """The rows dedup did not flag (all rows without dedup); with a selection's `view`, by its
+    eps."""
+    if view is not None:
+        table = view.apply(table, part)
     if layout.DUPLICATE not in table.column_names:
         return table
     return table.filter(pc.invert(table[layout.DUPLICATE]))
@@ -96,20 +131,23 @@ class KeepTask:
     seed: int = 0
     threshold: Threshold | None = None
     within: str = "hardest"  # with quotas: the rule's order inside clusters
+    out: Store | None = None  # where keep/ goes (a selection folder); None: `store`
+    view: DedupView | None = None  # a selection over the run's annotated parts
 
 
 def keep_part(task: KeepTask) -> KeepResult:
     t = read_part(task.store, task.part)
+    out = task.out or task.store
     if t is None:
         return KeepResult.none(task.k)
-    live = survivors(t)
+    live = survivors(t, task.view, task.part)
     if task.quotas is not None:
-        return keep_quotas(task.store, task.part, live, task.quotas, task.k, task.within, task.seed)
+        return keep_quotas(out, task.part, live, task.quotas, task.k, task.within, task.seed)
     assert task.rule is not None and task.threshold is not None
     ids = live["id"].combine_chunks()
     keys = task.rule.key(live["distance"].to_numpy(), ids, task.seed)
     kept = live.filter(pa.array(keep_mask(keys, ids, task.threshold)))
-    return write_keep(task.store, task.part, kept, task.k)
+    return write_keep(out, task.part, kept, task.k)
 
 
 @dataclass(frozen=True)
@@ -124,6 +162,7 @@ class SelectTask:
     prefix: int
     prefix_bits: int
     limit: int | None = None
+    view: DedupView | None = None
 
 
 def select_pass(task: SelectTask):
@@ -132,7 +171,7 @@ def select_pass(task: SelectTask):
     bits = task.rule.key_bits
     if t is None:
         return np.zeros(NBINS, np.int64) if task.limit is None else None
-    live = survivors(t)
+    live = survivors(t, task.view, task.part)
     ids = live["id"].combine_chunks()
     keys = task.rule.key(live["distance"].to_numpy(), ids, task.seed)
     if task.limit is None:
