@@ -100,6 +100,29 @@ def shared_filesystem(scheme: str, storage_options: Mapping[str, Any] | None = N
     return fs
 
 
+# Error codes of a conditional PUT (If-None-Match: *) that was refused because the key exists,
+# or because the server has no conditional writes (S3-compatible servers).
+_EXISTS_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+_UNSUPPORTED_CODES = {"NotImplemented"}
+
+
+def create_only_outcome(exc: BaseException) -> str | None:
+    """'exists', 'unsupported' or None (any other error) for an error of a conditional PUT,
+    decided by the botocore error response's code, else its HTTP status: never by the
+    message, which may hold any number (a port, a key)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = str((response.get("Error") or {}).get("Code") or "")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    bare = code in ("", str(status))  # an error response without a code of its own
+    if code in _EXISTS_CODES or (bare and status == 412):
+        return "exists"
+    if code in _UNSUPPORTED_CODES or (bare and status == 501):
+        return "unsupported"
+    return None
+
+
 class Store:
     """One root URL; every key is relative to it."""
 
@@ -290,21 +313,23 @@ class Store:
             sync(fs.loop, _put)
             fs.invalidate_cache(self.path(key))
             return True
-        except Exception as e:  # noqa: BLE001
-            text = f"{type(e).__name__} {e}"
-            if (
-                "PreconditionFailed" in text
-                or "412" in text
-                or "ConditionalRequestConflict" in text
-            ):
+        except Exception as e:  # noqa: BLE001 - decided by the error's code below
+            outcome = create_only_outcome(e)
+            if outcome == "exists":
                 return False
-            if "NotImplemented" in text or "501" in text:
+            if outcome == "unsupported":
                 # an S3-compatible server without conditional writes: check, then put
                 log.warning("%s: no conditional PUT on this server; exists+put", self.uri(key))
                 if self.exists(key):
                     return False
                 self.fs.pipe_file(self.path(key), data)
                 return True
+            if getattr(e, "response", None) is not None:
+                from s3fs.errors import translate_boto_error
+
+                # AccessDenied -> PermissionError, NoSuchBucket -> FileNotFoundError, 503 ->
+                # OSError(EBUSY): the same classes every other Store call raises
+                raise translate_boto_error(e) from None
             raise
 
     def delete(self, key: str) -> None:

@@ -121,24 +121,6 @@ def test_split_url():
     assert split_url("file:///tmp/x") == ("file", "/tmp/x")
 
 
-def test_s3_without_conditional_put_falls_back(s3_server, monkeypatch):
-    """A server that answers 501 to If-None-Match: Store checks, then puts."""
-    import fsspec.asyn
-
-    real_sync = fsspec.asyn.sync
-
-    def not_implemented(loop, func, *a, **kw):
-        if func.__name__ == "_put":  # only the conditional PUT of put_if_absent
-            raise RuntimeError("An error occurred (NotImplemented) when calling the PutObject")
-        return real_sync(loop, func, *a, **kw)
-
-    store = Store(f"s3://{s3_server.new_bucket()}")
-    monkeypatch.setattr(fsspec.asyn, "sync", not_implemented)
-    assert store.put_if_absent("m", b"1") is True
-    assert store.put_if_absent("m", b"2") is False
-    assert store.get_bytes("m") == b"1"
-
-
 def test_other_schemes_use_exists_then_put():
     store = Store("memory://pp-test-store")
     assert store.put_if_absent("a/b", b"1") is True
