@@ -90,7 +90,8 @@ def shared_filesystem(scheme: str, storage_options: Mapping[str, Any] | None = N
     its own."""
     import json
 
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_"))))
+    prefixes = ("AWS_", "GOOGLE_", "STORAGE_EMULATOR_HOST")
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(prefixes)))
     opts = json.dumps(storage_options or {}, sort_keys=True, default=repr)
     key = (os.getpid(), scheme, opts, env)
     with _FS_LOCK:
@@ -288,11 +289,15 @@ class Store:
 
         Local: link(2) of a complete temp file, which fails if the target exists. S3: a
         conditional PUT with If-None-Match: * where the server supports it, else exists+put.
+        GCS: an upload with the generation precondition ifGenerationMatch=0 (412 if the
+        object exists). Other schemes: exists, then put.
         """
         if self.is_local:
             return self._wrap(lambda: _create_only_local_write(self.path(key), data), key, "write")
         if self.scheme == "s3":
             return self._wrap(lambda: self._s3_put_if_absent(key, data), key, "write")
+        if self.scheme in ("gs", "gcs"):
+            return self._wrap(lambda: self._gcs_put_if_absent(key, data), key, "write")
         if self.exists(key):
             return False
         self.put_bytes(key, data)
@@ -331,6 +336,14 @@ class Store:
                 # OSError(EBUSY): the same classes every other Store call raises
                 raise translate_boto_error(e) from None
             raise
+
+    def _gcs_put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            # gcsfs: mode="create" sends ifGenerationMatch=0; a 412 raises FileExistsError
+            self.fs.pipe_file(self.path(key), data, mode="create")
+            return True
+        except FileExistsError:
+            return False
 
     def delete(self, key: str) -> None:
         def _do() -> None:

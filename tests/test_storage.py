@@ -1,4 +1,5 @@
-"""Store on a local folder and on a real S3 API (moto_server on loopback)."""
+"""Store on a local folder and on real S3 and GCS APIs (moto_server, fake-gcs-server on
+loopback)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import pytest
 from scoring.storage import Store, StoreError, split_url
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def store(request, tmp_path):
     if request.param == "local":
         return Store(str(tmp_path / "root"))
-    server = request.getfixturevalue("s3_server")
-    return Store(f"s3://{server.new_bucket()}/some/prefix")
+    server = request.getfixturevalue("s3_server" if request.param == "s3" else "gcs_server")
+    return Store(f"{request.param}://{server.new_bucket()}/some/prefix")
 
 
 def test_put_get_list_exists(store):
