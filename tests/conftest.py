@@ -24,21 +24,27 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_temp_dir():
+    """The Ray temp dir of the module's local Ray (its session logs, worker logs included)."""
+    tmp = tempfile.mkdtemp(prefix="pp-ray-", dir="/tmp")
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_temp_dir):
     """An embedded local Ray with 2 CPUs, shared by the tests of one module."""
     import ray
 
-    tmp = tempfile.mkdtemp(prefix="pp-ray-", dir="/tmp")
     ray.init(
         num_cpus=2,
         include_dashboard=False,
-        _temp_dir=tmp,
+        _temp_dir=ray_temp_dir,
         logging_level="WARNING",
         log_to_driver=False,
     )
     yield ray
     ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
