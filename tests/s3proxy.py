@@ -3,7 +3,9 @@
 It forwards each request to the upstream server, except that it answers a seeded share of
 requests with 503 SlowDown (bounded by `max_faults`), 403 AccessDenied (`deny_body`) to every
 request for the buckets in `deny_buckets`, and `conditional_error` (status, body) to every
-conditional PUT (one with If-None-Match). It serves on its own threads and stops by itself after `lifetime`
+conditional PUT (one with If-None-Match). Once `stall_after` requests were served it stalls
+the next `stall_count` requests (all, when None): it reads them and never answers, until
+`release()` or `stop()`, as a server that stopped answering would. It serves on its own threads and stops by itself after `lifetime`
 seconds at the latest.
 """
 
@@ -43,6 +45,8 @@ class FaultProxy:
         lifetime: float = 300.0,
         deny_body: bytes = DENIED,
         conditional_error: tuple[int, bytes] | None = None,
+        stall_after: int | None = None,
+        stall_count: int | None = None,
     ):
         u = urlsplit(upstream)
         self.up_host, self.up_port = u.hostname, u.port
@@ -50,6 +54,9 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.deny = set(deny_buckets)
         self.deny_body, self.conditional_error = deny_body, conditional_error
+        self.stall_after, self.stall_left = stall_after, stall_count
+        self.stalled = 0
+        self.released = threading.Event()
         self.lock = threading.Lock()
         self.requests = self.faults = self.denied = 0
         proxy = self
@@ -66,6 +73,20 @@ class FaultProxy:
                 bucket = self.path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
                 with proxy.lock:
                     proxy.requests += 1
+                    stall = (
+                        proxy.stall_after is not None
+                        and proxy.requests > proxy.stall_after
+                        and (proxy.stall_left is None or proxy.stall_left > 0)
+                    )
+                    if stall:
+                        proxy.stalled += 1
+                        if proxy.stall_left is not None:
+                            proxy.stall_left -= 1
+                if stall:  # read, never answer: the client's timeout must end it
+                    proxy.released.wait(lifetime)
+                    self.close_connection = True
+                    return
+                with proxy.lock:
                     deny = bucket in proxy.deny
                     fault = (
                         not deny
@@ -122,7 +143,14 @@ class FaultProxy:
         self.timer.daemon = True
         self.timer.start()
 
+    def release(self) -> None:
+        """Stalled requests end (unanswered); later ones are served."""
+        with self.lock:
+            self.stall_after = None
+        self.released.set()
+
     def stop(self) -> None:
+        self.released.set()
         self.timer.cancel()
         self.server.shutdown()
         self.server.server_close()
