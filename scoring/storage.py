@@ -28,25 +28,17 @@ from typing import Any, TypeVar
 from scoring.errors import BadInput, NotFound, StoreError, first_line
 from scoring.ranged import RangedFile
 from scoring.retry import is_transient, retry_io
+from scoring.store_rules import (
+    CONNECT_TIMEOUT_S,
+    IO_ATTEMPTS,
+    MIN_RATE,
+    TIMEOUT_ENV,
+    create_only_outcome,
+    request_timeout,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-CONNECT_TIMEOUT_S = 10.0
-TIMEOUT_ENV = "PROTOPRUNE_REQUEST_TIMEOUT_S"  # read timeout and base deadline (default 60 s)
-MIN_RATE = 1 << 20  # bytes/s a transfer is allowed as its slowest, on top of the base deadline
-
-
-def request_timeout() -> float:
-    """Seconds a request may go without an answer (per socket read; the base deadline)."""
-    raw = os.environ.get(TIMEOUT_ENV)
-    try:
-        value = float(raw) if raw else 60.0
-    except ValueError:
-        raise StoreError(f"{TIMEOUT_ENV}={raw!r}: expected seconds") from None
-    if value <= 0:
-        raise StoreError(f"{TIMEOUT_ENV}={raw!r}: expected seconds > 0")
-    return value
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -112,8 +104,6 @@ def make_filesystem(scheme: str, storage_options: Mapping[str, Any] | None = Non
         raise StoreError(f"unsupported storage scheme '{scheme}://': {e}") from None
 
 
-IO_ATTEMPTS = 6  # tries of one Store call on transient errors (retry_io)
-
 _FS_CACHE: dict[tuple, Any] = {}
 _FS_LOCK = threading.Lock()
 
@@ -134,29 +124,6 @@ def shared_filesystem(scheme: str, storage_options: Mapping[str, Any] | None = N
         if fs is None:
             fs = _FS_CACHE[key] = make_filesystem(scheme, storage_options)
     return fs
-
-
-# Error codes of a conditional PUT (If-None-Match: *) that was refused because the key exists,
-# or because the server has no conditional writes (S3-compatible servers).
-_EXISTS_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
-_UNSUPPORTED_CODES = {"NotImplemented"}
-
-
-def create_only_outcome(exc: BaseException) -> str | None:
-    """'exists', 'unsupported' or None (any other error) for an error of a conditional PUT,
-    decided by the botocore error response's code, else its HTTP status: never by the
-    message, which may hold any number (a port, a key)."""
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return None
-    code = str((response.get("Error") or {}).get("Code") or "")
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    bare = code in ("", str(status))  # an error response without a code of its own
-    if code in _EXISTS_CODES or (bare and status == 412):
-        return "exists"
-    if code in _UNSUPPORTED_CODES or (bare and status == 501):
-        return "unsupported"
-    return None
 
 
 class Store:

@@ -15,7 +15,8 @@ from ray_jobs import cli
 from ray_jobs.driver import run
 from scoring.config import make_config
 from scoring.errors import StoreError
-from scoring.storage import TIMEOUT_ENV, Store
+from scoring.storage import Store
+from scoring.store_rules import TIMEOUT_ENV
 from tests.helpers import clustered, write_dataset
 from tests.s3proxy import FaultProxy
 
