@@ -89,6 +89,33 @@ def test_a_stalled_request_fails_with_one_line_naming_the_key(env, call):
     assert Store(f"s3://{bucket}").get_bytes("p/shard-000007.parquet") == b"0123456789"
 
 
+@pytest.mark.parametrize("call", ["get_range", "info", "put", "marker"])
+def test_a_stalled_gcs_request_fails_with_one_line_naming_the_key(
+    env, gcs_server, monkeypatch, call
+):
+    bucket = gcs_server.new_bucket()
+    Store(f"gs://{bucket}").put_bytes("p/shard-000007.parquet", b"0123456789")
+    proxy = FaultProxy(gcs_server.endpoint, stall_after=0, lifetime=300)
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)  # a new gcsfs client
+        st = Store(f"gs://{bucket}/p")
+        calls = {
+            "get_range": lambda: st.get_range("shard-000007.parquet", 2, 5),
+            "info": lambda: st.info("shard-000007.parquet"),
+            "put": lambda: st.put_bytes("shard-000007.parquet", b"new"),
+            "marker": lambda: st.put_if_absent("shard-000008.parquet", b"new"),
+        }
+        with pytest.raises(StoreError) as info:
+            calls[call]()
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(f"gs://{bucket}/p/shard-00000")
+        assert "failed 6 times" in msg and proxy.stalled > 1
+    finally:
+        proxy.stop()
+    monkeypatch.undo()
+    assert Store(f"gs://{bucket}").get_bytes("p/shard-000007.parquet") == b"0123456789"
+
+
 def test_a_run_whose_server_stalls_for_a_while_recovers(data):
     server, bucket, ref = data
     proxy = FaultProxy(server.endpoint, stall_after=40, stall_count=8, lifetime=BOUND_S)
