@@ -291,7 +291,10 @@ def format_status(st: dict[str, Any]) -> str:
         )
         for f in s["failures"]:
             who = f"shard {f['shard']}" if f.get("shard") is not None else f["name"]
-            lines.append(f"  FAILED {who} ({f.get('file') or '-'}): {f['error']}")
+            rg = f.get("row_groups") or []
+            span = f", row groups {rg[0]}-{rg[1] - 1}" if len(rg) == 2 else ""
+            tries = f" after {f['attempts']} attempts" if (f.get("attempts") or 1) > 1 else ""
+            lines.append(f"  FAILED {who} ({f.get('file') or '-'}{span}){tries}: {f['error']}")
     return "\n".join(lines)
 
 

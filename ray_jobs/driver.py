@@ -56,6 +56,10 @@ class Run:
     def where(self, i: int) -> str:
         return self.in_store.uri(self.shards[i].file)
 
+    def row_groups(self, i: int) -> list[int]:
+        """[first, end) of shard i's row groups in its file."""
+        return self.shards[i].to_json()["row_groups"]
+
     # ---- plan and run.json
     def plan(self) -> None:
         t0 = time.perf_counter()
@@ -96,6 +100,8 @@ class Run:
         changed = set(self.changed_files)
         shards = [s for s in self.shards if s.file in changed]
         marker = commit.load_committed_marker(self.store)
+        if marker is not None and marker.get("source"):
+            marker = None  # frozen prototypes (--prototypes-from): fitted on no row of this input
         again = "rerun with --force-new or use a new --run-id"
         if marker is not None and (self.cfg.text_column or self.cfg.image_column):
             # checking the sample rows of raw content would need the model: refuse
@@ -140,7 +146,7 @@ class Run:
         return SampleTask(self.cfg, self.in_store, shard, count)
 
     def _failures(self, stage: str) -> sch.Failures:
-        return sch.Failures(self.store, stage, self.where)
+        return sch.Failures(self.store, stage, self.where, self.row_groups)
 
     # ---- the actor pool (sample of raw content, fit there, score)
     def actors(self) -> sch.ActorPool:

@@ -9,7 +9,9 @@ handles what can go wrong with a unit:
   load is the same for every unit and is always raised at once;
 * a dead worker (its process or node died): with an actor pool the actor is replaced (a new one
   gets units once a ping shows it is up; meanwhile its units go to the live actors) and the unit
-  is resubmitted, at most `retries` times; Ray itself retries tasks (`max_retries`);
+  is resubmitted, at most `retries` times, each time ALONE on an idle worker, so a unit that
+  kills its worker every time (a poison row) cannot use up the retries of the units that
+  happened to share its worker; Ray itself retries tasks (`max_retries`);
 * anything else is a bug and propagates.
 
 Progress: one bar per stage (`ray_jobs.progress`), one log line per unit where asked.
@@ -75,20 +77,25 @@ class Failures:
     store: Store  # the run folder
     stage: str
     where: Callable[[int], str]  # unit -> its input file's URL
+    row_groups: Callable[[int], list[int]] | None = None  # unit -> [first, end) of its file
 
     def __post_init__(self) -> None:
         self.failed: dict[int, str] = {}
         self.old = set(commit.failures(self.store, self.stage))
 
+    def name(self, unit: int) -> str:
+        """'shard 3 (s3://b/in/part-001.parquet, row groups 2-3)': who failed, in messages."""
+        rg = self.row_groups(unit) if self.row_groups else []
+        span = f", row groups {rg[0]}-{rg[1] - 1}" if len(rg) == 2 else ""
+        return f"shard {unit} ({self.where(unit)}{span})"
+
     def record(self, unit: int, msg: str, attempts: int = 1) -> None:
-        log.error("shard %d failed: %s", unit, msg)
+        log.error("%s failed: %s", self.name(unit), msg)
         self.failed[unit] = msg
-        commit.record_failure(
-            self.store,
-            self.stage,
-            layout.shard_name(unit),
-            {"shard": unit, "file": self.where(unit), "error": msg, "attempts": attempts},
-        )
+        rec = {"shard": unit, "file": self.where(unit), "error": msg, "attempts": attempts}
+        if self.row_groups:
+            rec["row_groups"] = list(self.row_groups(unit))
+        commit.record_failure(self.store, self.stage, layout.shard_name(unit), rec)
 
     def succeeded(self, unit: int) -> None:
         if layout.shard_name(unit) in self.old:
@@ -96,12 +103,11 @@ class Failures:
 
     def raise_if_any(self) -> None:
         if self.failed:
-            names = "; ".join(
-                f"shard {i} ({self.where(i)}): {msg}" for i, msg in sorted(self.failed.items())
-            )
+            names = "; ".join(f"{self.name(i)}: {msg}" for i, msg in sorted(self.failed.items()))
             raise RunFailed(
                 f"{len(self.failed)} shard(s) failed in {self.stage}, no manifest committed: "
-                f"{names}"
+                f"{names}; the other shards are committed: fix or remove the input, then rerun "
+                "with the same --run-id to redo only these"
             )
 
 
@@ -120,10 +126,10 @@ class Tasks:
         self.busy = 0
         self.pings: dict[Any, int] = {}
 
-    def free(self) -> int | None:
+    def free(self, alone: bool = False) -> int | None:
         return 0 if self.busy < self.in_flight else None
 
-    def submit(self, slot: int, arg: Any) -> Any:
+    def submit(self, slot: int, arg: Any, alone: bool = False) -> Any:
         self.busy += 1
         return self.remote.remote(arg)
 
@@ -149,15 +155,19 @@ class ActorPool:
         self.load = [0] * n
         self.up = [True] * n  # n is what the cluster places at once (placement.py)
         self.replaced = [0] * n
+        self.alone = [False] * n  # the slot runs a unit that was lost before: nothing else
         self.pings: dict[Any, int] = {}
         self._sent: dict[Any, Any] = {}  # in-flight ref -> the actor it was sent to
 
-    def free(self) -> int | None:
+    def free(self, alone: bool = False) -> int | None:
+        """A slot for one more unit (the least loaded); `alone`: an idle slot only."""
+        cap = 1 if alone else IN_FLIGHT_PER_WORKER
         n = len(self.actors)
-        free = [i for i in range(n) if self.up[i] and self.load[i] < IN_FLIGHT_PER_WORKER]
+        free = [i for i in range(n) if self.up[i] and not self.alone[i] and self.load[i] < cap]
         return min(free, key=self.load.__getitem__) if free else None
 
-    def submit(self, slot: int, arg: Any) -> Any:
+    def submit(self, slot: int, arg: Any, alone: bool = False) -> Any:
+        self.alone[slot] = alone
         self.load[slot] += 1
         ref = self.call(self.actors[slot], arg)
         self._sent[ref] = self.actors[slot]
@@ -166,6 +176,8 @@ class ActorPool:
     def done(self, slot: int, ref: Any) -> Any:
         """A unit came back; returns the actor it ran on."""
         self.load[slot] -= 1
+        if self.load[slot] == 0:
+            self.alone[slot] = False
         return self._sent.pop(ref)
 
     def lost(self, slot: int, actor: Any) -> None:
@@ -216,14 +228,21 @@ def run_map(
     import ray
 
     queue = list(reversed(list(units)))
+    lost: list[tuple[int, Any]] = []  # units whose worker died: retried alone, first
     pending: dict[Any, tuple[int, Any, int]] = {}
     attempts: dict[int, int] = {}
-    while queue or pending:
-        while queue and (slot := slots.free()) is not None:
-            unit, arg = queue.pop()
-            pending[slots.submit(slot, arg)] = (unit, arg, slot)
+    while queue or lost or pending:
+        while True:
+            if lost and (slot := slots.free(alone=True)) is not None:
+                unit, arg = lost.pop(0)
+                pending[slots.submit(slot, arg, alone=True)] = (unit, arg, slot)
+            elif queue and (slot := slots.free()) is not None:
+                unit, arg = queue.pop()
+                pending[slots.submit(slot, arg)] = (unit, arg, slot)
+            else:
+                break
         if not pending and not slots.pings:
-            for unit, _ in queue:
+            for unit, _ in lost + queue[::-1]:
                 _fail(failures, unit, "no worker left", progress)
             break
         ready, _ = ray.wait(list(pending) + list(slots.pings), num_returns=1)
@@ -253,7 +272,7 @@ def run_map(
                 _fail(failures, unit, msg, progress, attempts[unit])
                 continue
             log.warning("shard %d: worker lost (%s); retrying", unit, type(e).__name__)
-            queue.append((unit, arg))
+            lost.append((unit, arg))
             continue
         if refs is not None:
             refs[unit] = ref

@@ -29,7 +29,7 @@ def run_status(store: Store) -> dict[str, Any]:
 
     Returns {"run", "run_id", "committed", "rows", "shards", "stages": {prototypes, scores,
     reduce}}; each stage has done / pending / failed counts and a "failures" list with
-    {"shard", "file", "error"}. Needs only run.json, the markers and the failure records.
+    {"shard", "file", "row_groups", "error", "attempts"}. Needs only run.json, the markers and the failure records.
     """
     if not store.exists(layout.RUN_JSON):
         raise NotFound(f"{store.uri()}: no run.json (not a protoprune run folder)")
@@ -49,6 +49,7 @@ def run_status(store: Store) -> dict[str, Any]:
                     "name": name,
                     "file": rec.get("file")
                     or (files.get(rec["shard"]) if rec.get("shard") is not None else None),
+                    "row_groups": rec.get("row_groups"),
                     "error": rec.get("error", ""),
                     "attempts": rec.get("attempts"),
                     "at": rec.get("at"),

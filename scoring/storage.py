@@ -5,6 +5,11 @@ Writes are atomic (temp file + rename on local disk; a single PUT on object stor
 never sees half a file. Transient IO errors are retried with bounded exponential backoff and
 jitter; permanent ones (missing bucket, access denied) are raised at once with the URL.
 
+Every object-store request is bounded in time: a connect timeout and a read timeout per socket
+read (a server that stops answering), and, for requests of a known size, a deadline on the whole
+call of request_timeout() + bytes / MIN_RATE. A timed-out request is retried like any transient
+error; when the retries are spent the call fails with one line naming the key (StoreError).
+
 The filesystem client is created lazily and dropped when the Store is pickled, so a Store can be
 shipped to Ray workers and each process opens its own connection pool.
 """
@@ -23,6 +28,14 @@ from typing import Any, TypeVar
 from scoring.errors import BadInput, NotFound, StoreError, first_line
 from scoring.ranged import RangedFile
 from scoring.retry import is_transient, retry_io
+from scoring.store_rules import (
+    CONNECT_TIMEOUT_S,
+    IO_ATTEMPTS,
+    MIN_RATE,
+    TIMEOUT_ENV,
+    create_only_outcome,
+    request_timeout,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,9 +70,10 @@ def make_filesystem(scheme: str, storage_options: Mapping[str, Any] | None = Non
         ):
             opts["endpoint_url"] = endpoint
         # Our own retry loop handles transient errors with jitter; keep botocore's short.
-        opts.setdefault("config_kwargs", {}).setdefault(
-            "retries", {"max_attempts": 3, "mode": "standard"}
-        )
+        ck = opts.setdefault("config_kwargs", {})
+        ck.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+        ck.setdefault("connect_timeout", min(CONNECT_TIMEOUT_S, request_timeout()))
+        ck.setdefault("read_timeout", request_timeout())
         opts.setdefault("skip_instance_cache", True)
         # the client is shared by every task of a process (shared_filesystem): never answer
         # info() from a listing another task made before a file changed
@@ -70,6 +84,17 @@ def make_filesystem(scheme: str, storage_options: Mapping[str, Any] | None = Non
             import gcsfs  # noqa: F401
         except ImportError:
             raise StoreError("gs:// URLs need gcsfs: pip install 'protoprune[gcs]'") from None
+        import aiohttp
+
+        # gcsfs passes this to every aiohttp request; without it a stalled server hangs a call
+        opts.setdefault(
+            "requests_timeout",
+            aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=min(CONNECT_TIMEOUT_S, request_timeout()),
+                sock_read=request_timeout(),
+            ),
+        )
         opts.setdefault("skip_instance_cache", True)
         opts.setdefault("use_listings_cache", False)
         return fsspec.filesystem("gs", **opts)
@@ -90,7 +115,8 @@ def shared_filesystem(scheme: str, storage_options: Mapping[str, Any] | None = N
     its own."""
     import json
 
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_"))))
+    prefixes = ("AWS_", "GOOGLE_", "STORAGE_EMULATOR_HOST", TIMEOUT_ENV)
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(prefixes)))
     opts = json.dumps(storage_options or {}, sort_keys=True, default=repr)
     key = (os.getpid(), scheme, opts, env)
     with _FS_LOCK:
@@ -157,34 +183,55 @@ class Store:
     # -- reads ------------------------------------------------------------------------------
     def _wrap(self, fn: Callable[[], T], key: str, verb: str) -> T:
         try:
-            return retry_io(fn, f"{verb} {self.uri(key)}")
+            return retry_io(fn, f"{verb} {self.uri(key)}", attempts=IO_ATTEMPTS)
         except FileNotFoundError:
             raise NotFound(f"{self.uri(key)}: not found") from None
         except PermissionError as e:
             raise StoreError(f"{self.uri(key)}: access denied ({first_line(e)})") from None
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            why = first_line(e, 300) if str(e).strip() else "no answer in time"
+            raise StoreError(
+                f"{self.uri(key)}: {verb} failed {IO_ATTEMPTS} times ({type(e).__name__}: {why})"
+            ) from None
+
+    def _deadline(self, nbytes: int = 0) -> dict[str, float]:
+        """`timeout=` for an fsspec call moving nbytes: the whole call (its inner retries
+        included) is cancelled past it. Only async object-store clients take it."""
+        if self.is_local or not getattr(self.fs, "async_impl", False):
+            return {}
+        return {"timeout": request_timeout() + nbytes / MIN_RATE}
 
     def exists(self, key: str) -> bool:
-        return self._wrap(lambda: self.fs.exists(self.path(key)), key, "exists")
+        return self._wrap(lambda: self.fs.exists(self.path(key), **self._deadline()), key, "exists")
 
     def get_bytes(self, key: str) -> bytes:
+        """The whole object (size unknown: bounded by the per-read timeout only)."""
         return self._wrap(lambda: self.fs.cat_file(self.path(key)), key, "read")
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
+        t = self._deadline(max(0, end - start))
         return self._wrap(
-            lambda: self.fs.cat_file(self.path(key), start=start, end=end), key, "read"
+            lambda: self.fs.cat_file(self.path(key), start=start, end=end, **t), key, "read"
         )
 
     def info(self, key: str) -> dict[str, Any]:
-        return self._wrap(lambda: self.fs.info(self.path(key)), key, "stat")
+        return self._wrap(lambda: self.fs.info(self.path(key), **self._deadline()), key, "stat")
 
     def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """The bytes of [start, end) ranges of one object, fetched concurrently."""
         if not ranges:
             return []
         p = self.path(key)
+        t = self._deadline(sum(max(0, b - a) for a, b in ranges))
         return self._wrap(
             lambda: self.fs.cat_ranges(
-                [p] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges], on_error="raise"
+                [p] * len(ranges),
+                [a for a, _ in ranges],
+                [b for _, b in ranges],
+                on_error="raise",
+                **t,
             ),
             key,
             "read",
@@ -258,18 +305,23 @@ class Store:
         if self.is_local:
             self._wrap(lambda: _atomic_local_write(self.path(key), data), key, "write")
         else:
-            self._wrap(lambda: self.fs.pipe_file(self.path(key), data), key, "write")
+            t = self._deadline(len(data))
+            self._wrap(lambda: self.fs.pipe_file(self.path(key), data, **t), key, "write")
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create-only put. Returns False (and writes nothing) when the key already exists.
 
         Local: link(2) of a complete temp file, which fails if the target exists. S3: a
         conditional PUT with If-None-Match: * where the server supports it, else exists+put.
+        GCS: an upload with the generation precondition ifGenerationMatch=0 (412 if the
+        object exists). Other schemes: exists, then put.
         """
         if self.is_local:
             return self._wrap(lambda: _create_only_local_write(self.path(key), data), key, "write")
         if self.scheme == "s3":
             return self._wrap(lambda: self._s3_put_if_absent(key, data), key, "write")
+        if self.scheme in ("gs", "gcs"):
+            return self._wrap(lambda: self._gcs_put_if_absent(key, data), key, "write")
         if self.exists(key):
             return False
         self.put_bytes(key, data)
@@ -287,30 +339,40 @@ class Store:
                 s3 = await fs.get_s3(bucket)
                 return await s3.put_object(Bucket=bucket, Key=obj, Body=data, IfNoneMatch="*")
 
-            sync(fs.loop, _put)
+            sync(fs.loop, _put, **self._deadline(len(data)))
             fs.invalidate_cache(self.path(key))
             return True
-        except Exception as e:  # noqa: BLE001
-            text = f"{type(e).__name__} {e}"
-            if (
-                "PreconditionFailed" in text
-                or "412" in text
-                or "ConditionalRequestConflict" in text
-            ):
+        except Exception as e:  # noqa: BLE001 - decided by the error's code below
+            outcome = create_only_outcome(e)
+            if outcome == "exists":
                 return False
-            if "NotImplemented" in text or "501" in text:
+            if outcome == "unsupported":
                 # an S3-compatible server without conditional writes: check, then put
                 log.warning("%s: no conditional PUT on this server; exists+put", self.uri(key))
                 if self.exists(key):
                     return False
-                self.fs.pipe_file(self.path(key), data)
+                self.fs.pipe_file(self.path(key), data, **self._deadline(len(data)))
                 return True
+            if getattr(e, "response", None) is not None:
+                from s3fs.errors import translate_boto_error
+
+                # AccessDenied -> PermissionError, NoSuchBucket -> FileNotFoundError, 503 ->
+                # OSError(EBUSY): the same classes every other Store call raises
+                raise translate_boto_error(e) from None
             raise
+
+    def _gcs_put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            # gcsfs: mode="create" sends ifGenerationMatch=0; a 412 raises FileExistsError
+            self.fs.pipe_file(self.path(key), data, mode="create", **self._deadline(len(data)))
+            return True
+        except FileExistsError:
+            return False
 
     def delete(self, key: str) -> None:
         def _do() -> None:
             try:
-                self.fs.rm(self.path(key), recursive=True)
+                self.fs.rm(self.path(key), recursive=True, **self._deadline())
             except FileNotFoundError:
                 pass
 

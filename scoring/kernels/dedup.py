@@ -9,7 +9,10 @@ GPU when there is one) against the earlier rows in column blocks of `block` rows
 the running row maximum, so memory is O(block x block) for the products on top of the
 cluster's embeddings. Results are exact: float32 products are used to decide every row whose
 maximum lies farther than a rounding bound from the threshold; the few rows within the bound are
-re-decided in float64 against all their earlier rows.
+re-decided in float64 against all their earlier rows, and the columns within the float64 bound
+exactly, in integer arithmetic on the stored float32 values (kernels.exact_cosine): identical
+and parallel vectors have similarity exactly 1, so eps 0 removes every copy. The threshold is
+the double 1 - eps.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scoring.kernels.devices import torch_device
+from scoring.kernels.exact_cosine import decide_near
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +114,26 @@ def max_earlier(q, q0: int, c, c0: int, block: int, dev) -> tuple[np.ndarray, np
     return out, arg
 
 
-def _exact_earlier(x64_rows: np.ndarray, ranks: np.ndarray, x64_cols: np.ndarray, c0: int):
-    """float64 max cosine (and its column's global rank) of each row against the earlier
-    columns [c0, c0 + len(x64_cols)); (-inf, -1) when there is none. Rows go in blocks of
-    at most ~64 MiB of products."""
+def _exact_earlier(rows: np.ndarray, ranks: np.ndarray, cols: np.ndarray, c0: int, thr: float):
+    """Exact duplicate flags, max cosines and their columns' global ranks of raw float32 rows
+    (global ranks `ranks`) against the earlier columns [c0, c0 + len(cols)): float64 products
+    first, then the columns within the float64 bound of thr decided exactly on the stored
+    float32 values (kernels.exact_cosine). Rows go in blocks of at most ~64 MiB of products."""
     n = len(ranks)
+    dup = np.zeros(n, bool)
     best = np.full(n, -np.inf)
     arg = np.full(n, -1, np.int64)
-    if n == 0 or len(x64_cols) == 0:
-        return best, arg
-    step = max(1, (64 << 20) // (8 * len(x64_cols)))
-    cols = (c0 + np.arange(len(x64_cols)))[None, :]
+    if n == 0 or len(cols) == 0:
+        return dup, best, arg
+    x64_rows, x64_cols = exact_unit(rows), exact_unit(cols)
+    step = max(1, (64 << 20) // (8 * len(cols)))
+    col_ranks = (c0 + np.arange(len(cols)))[None, :]
     for a in range(0, n, step):
-        s = x64_rows[a : a + step] @ x64_cols.T
-        s[cols >= ranks[a : a + step, None]] = -np.inf
-        j = s.argmax(axis=1)
-        b = s[np.arange(len(j)), j]
-        best[a : a + step] = b
-        arg[a : a + step] = np.where(np.isfinite(b), c0 + j, -1)
-    return best, arg
+        sl = slice(a, a + step)
+        s = x64_rows[sl] @ x64_cols.T
+        s[col_ranks >= ranks[sl, None]] = -np.inf
+        dup[sl], best[sl], arg[sl] = decide_near(rows[sl], ranks[sl], cols, c0, s, thr)
+    return dup, best, arg
 
 
 def dedup_evidence(x: np.ndarray, eps: float, block: int = DEFAULT_BLOCK, device=None) -> Evidence:
@@ -145,11 +150,10 @@ def dedup_evidence(x: np.ndarray, eps: float, block: int = DEFAULT_BLOCK, device
     xt = torch.from_numpy(unit_rows(x)).to(dev)
     thr = 1.0 - float(eps)
     best, arg = max_earlier(xt, 0, xt, 0, block, dev)
+    out = best >= thr
     unsure = np.flatnonzero(np.abs(best - thr) <= rounding_bound(x.shape[1]))
     if len(unsure):
-        x64 = exact_unit(x)
-        best[unsure], arg[unsure] = _exact_earlier(x64[unsure], unsure, x64, 0)
-    out = best >= thr
+        out[unsure], best[unsure], arg[unsure] = _exact_earlier(x[unsure], unsure, x, 0, thr)
     out[0] = False
     return Evidence(out, best, arg)
 
@@ -195,19 +199,22 @@ def streamed_evidence(
             b, a = max_earlier(q, q0, c, cc * chunk_rows, block, dev)
             better = b > best
             best, arg = np.where(better, b, best), np.where(better, a, arg)
+        dup = best >= thr
         unsure = np.flatnonzero(np.abs(best - thr) <= tol)
         if len(unsure):
-            xq = exact_unit(q_raw[unsure])
+            xq = np.asarray(q_raw[unsure], np.float32)
+            d64 = np.zeros(len(unsure), bool)
             b64 = np.full(len(unsure), -np.inf)
             a64 = np.full(len(unsure), -1, np.int64)
             for cc in range(qc + 1):
-                xc = exact_unit(q_raw if cc == qc else load_chunk(cc))
-                b, a = _exact_earlier(xq, q0 + unsure, xc, cc * chunk_rows)
+                xc = np.asarray(q_raw if cc == qc else load_chunk(cc), np.float32)
+                d, b, a = _exact_earlier(xq, q0 + unsure, xc, cc * chunk_rows, thr)
                 better = b > b64
+                d64 |= d
                 b64, a64 = np.where(better, b, b64), np.where(better, a, a64)
-            best[unsure], arg[unsure] = b64, a64
+            dup[unsure], best[unsure], arg[unsure] = d64, b64, a64
         sl = slice(q0, q0 + len(q_raw))
-        ev.duplicate[sl], ev.max_similarity[sl], ev.earlier[sl] = best >= thr, best, arg
+        ev.duplicate[sl], ev.max_similarity[sl], ev.earlier[sl] = dup, best, arg
     ev.duplicate[:1] = False
     return ev
 
