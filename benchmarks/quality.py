@@ -128,6 +128,10 @@ def write_table(path: str, x: np.ndarray, y: np.ndarray, files: int) -> None:
 
 
 # -- the CLI, in this process ------------------------------------------------------------------
+class CliError(SystemExit):
+    pass
+
+
 def cli(*argv: str) -> str:
     """`protoprune ARGV` through the real CLI entry; returns its stdout, fails on exit != 0."""
     from ray_jobs.cli import main
@@ -136,8 +140,19 @@ def cli(*argv: str) -> str:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(list(argv))
     if rc != 0:
-        raise SystemExit(f"protoprune {' '.join(argv)} failed ({rc}): {err.getvalue()[-2000:]}")
+        raise CliError(f"protoprune {' '.join(argv)} failed ({rc}): {err.getvalue()[-2000:]}")
     return out.getvalue()
+
+
+def one_label_accuracy(run_dir: str, test: str) -> tuple[float, int]:
+    """A keep list of a single label (easy at 10% can do that): `evaluate` refuses to fit a
+    probe, and any classifier trained on it predicts that label; its accuracy is that label's
+    share of the test split."""
+    kept = pq.read_table(os.path.join(run_dir, "keep"), columns=["label"])["label"]
+    labels = set(kept.to_pylist())
+    assert len(labels) == 1, labels
+    yt = pq.read_table(test, columns=["label"])["label"].to_numpy()
+    return float(np.mean(yt == labels.pop())), len(kept)
 
 
 def cell_name(strategy: str, eps, frac: float) -> str:
@@ -206,8 +221,14 @@ def run_grid(args, root: str) -> list[dict]:
 
 
 def record(out, pool, seed, cell, strategy, eps, frac, run_dir, test, seconds=0.0) -> dict:
-    ev = json.loads(cli("evaluate", run_dir, "--label-column", "label", "--test-input", test,
-                        "--seeds", "0"))  # fmt: skip
+    try:
+        ev = json.loads(cli("evaluate", run_dir, "--label-column", "label", "--test-input", test,
+                            "--seeds", "0"))  # fmt: skip
+    except CliError as e:
+        if "1 label value(s)" not in str(e):
+            raise
+        acc, kept = one_label_accuracy(run_dir, test)
+        ev = {"keep_accuracy": round(acc, 6), "train_rows": kept}
     man = json.load(open(os.path.join(run_dir, "_MANIFEST.json")))
     r = {
         "pool": pool, "seed": seed, "cell": cell, "strategy": strategy, "eps": eps,
