@@ -54,12 +54,14 @@ def removal_curve(max_similarity: np.ndarray, grid=EPS_GRID) -> np.ndarray:
     return (len(s) - np.searchsorted(s, thr, side="left")).astype(np.int64)
 
 
-def exact_max_earlier(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 max cosine of the rank-ordered rows `rows` of x (one cluster) to their earlier
-    rows, and that row's rank ((-inf, -1) for rank 0): the re-decision of a changed eps."""
-    x64 = exact_unit(x)
+def exact_flags(x: np.ndarray, rows: np.ndarray, eps: float) -> np.ndarray:
+    """Duplicate flags at `eps` of the rank-ordered rows `rows` of x (one cluster's stored
+    float32 embeddings, in rank order) against all their earlier rows, decided exactly as the
+    range pass decides the rows near its threshold: the re-decision of a changed eps."""
+    x = np.asarray(x, np.float32)
     rows = np.asarray(rows, np.int64)
-    return _exact_earlier(x64[rows], rows, x64, 0)
+    dup, _, _ = _exact_earlier(x[rows], rows, x, 0, 1.0 - float(eps))
+    return dup & (rows > 0)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from scoring import layout
-from scoring.kernels.dedup import exact_max_earlier, stored_bound
+from scoring.kernels.dedup import exact_flags, stored_bound
 from scoring.stages.annotate import RangeResult, read_range, summarize
 from scoring.stages.keep import DedupView, read_part, survivors
 from scoring.storage import Store
@@ -80,8 +80,7 @@ def redecide(task: RecountTask, t: pa.Table) -> DedupView:
         members = np.flatnonzero(src_cl == j)
         assert len(members) == len(rows), f"cluster {j}: embeddings do not match its rows"
         sel = cl[unsure] == j
-        best, _ = exact_max_earlier(x[members], unsure[sel] - rows[0])
-        flags[sel] = best >= thr
+        flags[sel] = exact_flags(x[members], unsure[sel] - rows[0], view.eps)
     got = pa.table({"row": pa.array(unsure, pa.int64()), layout.DUPLICATE: pa.array(flags)})
     task.out.write_parquet(layout.redecided_key(task.part), got)
     return DedupView(view.eps, task.out, view.redecided | {task.part})
