@@ -209,8 +209,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         use_json_logs()
     doc = prune.run(cfg)
+    print_result("run", f"{cfg.output.rstrip('/')}/{cfg.run_id}", doc)
+    return 0
+
+
+def print_result(what: str, where: str, doc: dict[str, Any]) -> None:
+    """The one JSON result line of `run` and `select`, from the committed manifest."""
     out = {
-        "run": f"{cfg.output.rstrip('/')}/{cfg.run_id}",
+        what: where,
         "rows_in": doc["rows_in"],
         "rows_kept": doc["rows_kept"],
         "strategy": doc["strategy"],
@@ -219,7 +225,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if doc.get("dedup"):
         out["duplicates_removed"] = doc["dedup"]["removed"]
     print(json.dumps(out))
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

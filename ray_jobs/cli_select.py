@@ -59,16 +59,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         keep_count=args.keep_count, dbp_temperature=args.dbp_temperature,
         quiet=args.quiet, address=args.address, **kw,
     )  # fmt: skip
-    out = {
-        "selection": f"{args.run.rstrip('/')}/selections/{args.name}",
-        "rows_in": doc["rows_in"],
-        "rows_kept": doc["rows_kept"],
-        "strategy": doc["strategy"],
-        "keep_files": len(doc["files"]),
-    }
-    if doc.get("dedup"):
-        out["duplicates_removed"] = doc["dedup"]["removed"]
-    print(json.dumps(out))
+    from ray_jobs.cli import print_result
+    from scoring.layout import selection_prefix
+
+    print_result("selection", f"{args.run.rstrip('/')}/{selection_prefix(args.name)}", doc)
     return 0
 
 

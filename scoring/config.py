@@ -84,6 +84,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        # the rule's default eps, read from the registry here, on the driver: workers get the
+        # config by pickle (its __dict__), and a plug-in rule is registered only where the
+        # driver's code registered it
+        from scoring import strategies
+
+        rule_eps = strategies.get(self.strategy).default_dedup_eps
+        object.__setattr__(self, "_rule_dedup_eps", rule_eps)
 
     @property
     def effective_dedup_eps(self) -> float | None:
@@ -93,9 +100,7 @@ class RunConfig:
             return None
         if self.dedup_eps is not None:
             return self.dedup_eps
-        from scoring import strategies
-
-        return strategies.get(self.strategy).default_dedup_eps
+        return self._rule_dedup_eps
 
     @property
     def effective_sample_size(self) -> int:

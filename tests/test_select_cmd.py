@@ -160,7 +160,8 @@ def test_run_without_dedup_selects_from_saved_embeddings(ray_local, first):
     from ray_jobs.driver import run as run_job
 
     tmp, x, ids = first
-    cfg = settings(str(tmp / "in"), str(tmp / "out"), "plain", save_embeddings=True)
+    cfg = settings(str(tmp / "in"), str(tmp / "out"), "plain", strategy="hard",
+                   save_embeddings=True)  # fmt: skip
     run_job(cfg, quiet=True)
     run = Store(str(tmp / "out" / "plain"))
     doc = prune.select(run.uri(), "dd", strategy="balanced", keep_count=500, dedup_eps=0.02)
@@ -210,7 +211,7 @@ def test_no_embeddings_refuses_an_eps(ray_local, first):
     from scoring.errors import BadInput
 
     tmp, _, _ = first
-    run_job(settings(str(tmp / "in"), str(tmp / "out"), "noemb"), quiet=True)
+    run_job(settings(str(tmp / "in"), str(tmp / "out"), "noemb", strategy="hard"), quiet=True)
     with pytest.raises(BadInput, match="no duplicate evidence and no saved embeddings"):
         prune.select(str(tmp / "out" / "noemb"), "e", dedup_eps=0.01)
     doc = prune.select(str(tmp / "out" / "noemb"), "ok", strategy="easy", keep_fraction=0.2)
