@@ -47,35 +47,32 @@ def ray_local(ray_temp_dir):
     ray.shutdown()
 
 
+def _serve(server):
+    """Yield a started loopback server with its environment set in os.environ (inherited by
+    Ray workers started afterwards); restore the environment and stop it afterwards."""
+    env = server.env()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield server
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """Starts moto_server and points the standard AWS environment at it (inherited by Ray
     workers started afterwards)."""
-    server = S3Server()
-    env = server.env()
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield server
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    yield from _serve(S3Server())
 
 
 @pytest.fixture(scope="session")
 def gcs_server():
     """Starts fake-gcs-server and points STORAGE_EMULATOR_HOST at it (inherited by Ray workers
     started afterwards)."""
-    server = GCSServer()
-    env = server.env()
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield server
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    yield from _serve(GCSServer())
