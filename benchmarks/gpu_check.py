@@ -6,7 +6,7 @@ minutes. Prints one table:
    else the torch k-means) on a 500,000 x 768 sample, k = 50,000, 10 iterations, with a decaying
    spectrum (like real embeddings, unlike isotropic noise), fitted twice: the same bytes;
 3. nearest-prototype search as a score worker runs it: `NearestPrototype(use_gpu=True)` (the
-   `auto` backend), `search(x, unit=False)` on a host array of raw rows of the same
+   `auto` backend), `search(x)` on a host array of raw rows of the same
    distribution, default chunking (sized from the free GPU memory): rows/s, the share of
    rows re-checked in fp32, exactness against fp64 on a subset;
 4. SemDeDup evidence (`dedup.duplicate_flags`) on ~20,000 rows on the GPU against the CPU
@@ -135,12 +135,13 @@ def search_check(data: Spectrum, centroids: np.ndarray, n: int, peak: float) -> 
         s = NearestPrototype(centroids, "cosine", use_gpu=True, backend="auto")
     else:  # the smoke test runs the GPU's backend on the CPU
         s = NearestPrototype(centroids, "cosine", backend="torch")
-    s.search(x[: min(n, 65536)], unit=False)  # warm-up
+    s.search(x[: min(n, 65536)])  # warm-up
     if s._torch is not None:
-        s._torch.stats = {"rows": 0, "rechecked": 0, "second_exact": 0}
+        s._torch.stats = {"rows": 0, "rechecked": 0, "certified": 0}
+    s.canonical.stats = dict.fromkeys(s.canonical.stats, 0)
     sync()
     t0 = time.perf_counter()
-    cl, dist, _ = s.search(x, unit=False)
+    cl, dist, _ = s.search(x)
     secs = time.perf_counter() - t0
     st = s.stats
     # exactness against fp64 on a subset (on the device)
@@ -154,7 +155,9 @@ def search_check(data: Spectrum, centroids: np.ndarray, n: int, peak: float) -> 
     derr = float(np.abs(dist[:m].astype(np.float64) - (1 - top2.values[:, 0].cpu().numpy())).max())
     flops = 2.0 * n * k * d
     chunk = s._torch.chunk_rows if s._torch is not None else "faiss default"
-    re = f"re-checked in fp32: {st['rechecked'] / max(st['rows'], 1):.2%} of rows; " if st else ""
+    rows = max(st["canonical_rows"], 1)
+    re = f"re-checked in fp32: {st['rechecked'] / rows:.2%} of rows; " if "rechecked" in st else ""
+    re += f"searched again in float64: {st['canonical_full'] / rows:.2%}; "
     row(
         f"search N={n:,} d={d} k={k:,}, host rows, NearestPrototype(use_gpu={DEV == 'cuda'}) "
         f"backend {s.backend}",

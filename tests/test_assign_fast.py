@@ -56,17 +56,17 @@ def test_torch_matches_brute_force(metric):
     s = NearestPrototype(c, metric, backend="torch", chunk_rows=1000)
     got = s.search(x)
     D = check_exact(x, c, metric, got, tol=2e-6 if metric == "cosine" else 1e-5)
-    # rows whose second candidate was certified carry the exact second-nearest distance
+    # every row carries the exact second-nearest distance (certified, or searched again)
     srt = np.sort(D, axis=1)
-    close = np.abs(got[2] - srt[:, 1]) <= 1e-5 * np.maximum(1, srt[:, 1])
-    assert close.sum() >= s.stats["second_exact"] * 0.999
+    np.testing.assert_allclose(got[2], srt[:, 1], rtol=1e-5, atol=1e-5)
     assert s.stats["rows"] == len(x)
+    assert s.stats["canonical_rows"] == len(x)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_near_ties_below_bf16_error_are_resolved(metric):
     """Rows almost equidistant from 2, 3 or 4 prototypes (gaps 1e-5..1e-3, far below the bf16
-    error bound) get the float64 winner; the 4-way ones force the full fp32 re-check."""
+    error bound) get the float64 winner; the closest are searched again in float64."""
     rng = np.random.default_rng(2)
     d, k = 64, 500
     c = unit(rng, k, d)
@@ -87,7 +87,7 @@ def test_near_ties_below_bf16_error_are_resolved(metric):
     srt = np.sort(D, axis=1)
     gaps = srt[:, 1] - srt[:, 0]
     assert (gaps < error_bound("bf16", d) / 10).mean() > 0.9  # they really are near-ties
-    assert s.stats["rechecked"] > 0  # and some needed the full fp32 search
+    assert s.stats["canonical_full"] > 0  # and some needed the float64 search
 
 
 def test_exact_ties_go_to_a_tied_prototype_and_duplicates_are_handled():
@@ -122,9 +122,9 @@ def test_auto_backend_agrees_with_faiss_and_picks_one():
     got = a.search(x)
     assert a.backend in ("faiss", "torch")
     f = NearestPrototype(c, "cosine", backend="faiss").search(x)
-    clear = np.abs(f[2] - f[1]) > 1e-5
-    np.testing.assert_array_equal(got[0][clear], f[0][clear])
-    np.testing.assert_allclose(got[1], f[1], atol=2e-6)
+    # the committed answer does not depend on the backend: the same bytes
+    for a_col, f_col in zip(got, f):
+        np.testing.assert_array_equal(a_col.view(np.int32), f_col.view(np.int32))
     # later batches use the chosen backend
     got2 = a.search(x[:100])
     np.testing.assert_array_equal(got2[0], got[0][:100])

@@ -1,34 +1,33 @@
 """Nearest-prototype search: cluster index and distance for every row.
 
-Metric cosine: rows and centroids are unit vectors, distance = 1 - cos. Metric l2: Euclidean
-distance. The search keeps the two nearest prototypes so that the margin (second - first) is
-available as an extra score column.
+Metric cosine: distance = 1 - cos; metric l2: Euclidean distance. The search keeps the two
+nearest prototypes so that the margin (second - first) is available as an extra score column.
 
-Two exact backends:
+A backend only finds candidates; the committed cluster, distance and second distance come
+from one definition (`kernels.canonical`): exact values of the stored float32 numbers,
+correctly rounded to float32, ties to the lower prototype index. So every backend, machine,
+worker count and shard layout writes the same bytes, and the backend can be chosen for speed.
 
-* ``faiss``: an IndexFlatIP / IndexFlatL2 (faiss-gpu when present and asked for).
+Two candidate backends:
+
+* ``faiss``: an IndexFlatIP / IndexFlatL2 (faiss-gpu when present and asked for), fp32 top 3.
 * ``torch``: a chunked low-precision GEMM (bf16, or fp16 for cosine) that keeps the top
   ``CANDIDATES`` prototypes of every row, then an fp32 re-score of those candidates.
-  A row is *certified* when its best exact score beats the best possible score of any
+  A row's nearest is certain when its best fp32 score beats the best possible score of any
   non-candidate (the lowest low-precision candidate score plus the precision's error bound);
-  every other row is searched again in full fp32. The result is the fp32 brute-force answer:
-  the same cluster except true fp32 ties, and the distance from the exact re-score.
-  The second-nearest distance (the extra `margin` column) is exact when the second candidate
-  is certified too (or the row was re-checked); otherwise it is the exact distance of the best
-  other candidate, which can exceed the true second-nearest distance by at most twice the
-  error bound (about 0.03 in cosine distance for bf16; `stats["second_exact"]` counts the
-  exact ones). Certifying the second as well would re-check most rows of typical data, whose
-  second and third prototypes are nearly equidistant. Every call runs under
-  `devices.exact_fp32` (no TF32 or bf16 passes in the fp32 re-check, whatever the process set
-  globally). On CUDA a chunk is sized from the free device memory (`search_chunk_rows`: chunk ×
-  k < 2^31), goes up through a page-locked buffer, and its results come back in one copy.
+  every other row is searched again in full fp32. Every call runs under `devices.exact_fp32`
+  (no TF32 or bf16 passes in the fp32 re-check, whatever the process set globally). On CUDA a
+  chunk is sized from the free device memory (`search_chunk_rows`: chunk x k < 2^31), goes up
+  through a page-locked buffer, and its results come back in one copy.
+
+Either way a row whose first two candidates are not certified (a gap to the third, or to any
+non-candidate, within the backend's rounding error plus a float32 step) is searched again over
+every prototype in float64 by `Canonical.nearest`.
 
 ``backend="auto"`` (or the environment variable PROTOPRUNE_SEARCH_BACKEND=faiss|torch|auto,
 read by every worker) picks faiss-gpu when a GPU and faiss-gpu are present, torch on CUDA when only
-a GPU is, and faiss on CPU. The choice is a fixed rule, never a timing: the two backends agree on
-the cluster but their fp32 distances can differ in the last bit, and a keep list must not depend
-on which backend a worker happened to pick. On these CPUs the bf16 torch path measured no faster
-than faiss's fp32 IndexFlatIP on real shards (benchmarks/README.md); pin `torch` to try it.
+a GPU is, torch (bf16) on a CPU with native bf16 dot products, and faiss otherwise. Since the
+answer no longer depends on the backend, the rule is only about speed (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -40,19 +39,21 @@ from typing import Any
 
 import numpy as np
 
+from scoring.kernels.canonical import Canonical
 from scoring.kernels.devices import (
+    cpu_has_bf16,
     exact_fp32,
     free_cuda_bytes,
     has_faiss_gpu,
-    row_norms,
     search_chunk_rows,
     torch_cuda,
 )
-from scoring.kernels.flat import FaissSearch
+from scoring.kernels.flat import FaissSearch, cosine_slack
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = 3  # low-precision top-m kept per row and re-scored exactly
+CANDIDATES = 8  # low-precision top-m kept per row and re-scored exactly (8: ~98% of rows
+# certified on clustered 384-d data, against ~45% with 3; see Canonical.nearest)
 _UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
 
 
@@ -104,41 +105,52 @@ class NearestPrototype:
         self._torch = None
         self.backend = backend
         if backend == "auto":
-            self.backend = "torch" if use_gpu and not has_faiss_gpu() and torch_cuda() else "faiss"
+            self.backend = auto_backend(use_gpu)
         device = "cuda" if use_gpu and self.backend == "torch" and torch_cuda() else "cpu"
         if self.backend == "faiss":
             self._faiss = FaissSearch(self.centroids, metric, use_gpu and has_faiss_gpu())
         if self.backend == "torch":
             self._torch = TorchTopKSearch(self.centroids, metric, device, precision, chunk_rows)
+        self.canonical = Canonical(self.centroids, metric)
         self.device = device if self.backend == "torch" else ("cuda" if use_gpu else "cpu")
 
-    def search(self, x: np.ndarray, unit: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(cluster int32, distance float32, second-nearest distance float32) per row.
 
-        For cosine, x must be L2-normalised unless `unit=False`: then the faiss backend
-        searches the raw rows (with unit centroids the nearest prototype by x·c equals the
-        nearest by cosine) and divides the two best scores by ‖x‖, which saves normalising an
-        n × d copy of the shard; the torch backend normalises first.
+        The answer is `kernels.canonical`'s for the rows exactly as given (any norm for
+        cosine): pass the stored rows, not a normalised copy, whose rounding would show.
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(
                 f"embedding width {x.shape[-1]} does not match the prototypes' {self.d}"
             )
-        if self.metric == "cosine" and not unit:
-            if self.backend == "torch":
+        if self.backend == "torch":
+            xs = x
+            if self.metric == "cosine":
                 from scoring.kernels.devices import normalize
 
-                return self._torch.search(normalize(x))
-            return self._faiss.search(x, scale=row_norms(x))
-        if self.backend == "torch":
-            return self._torch.search(x)
-        return self._faiss.search(x)
+                xs = normalize(x)
+            cand, ok = self._torch.candidates(xs)
+        else:
+            cand, ok = self._faiss.candidates(x)
+        return self.canonical.nearest(x, cand, ok)
 
     @property
     def stats(self) -> dict[str, float]:
-        """Rows searched and rows re-checked in full by the torch backend (empty otherwise)."""
-        return dict(self._torch.stats) if self._torch is not None else {}
+        """Rows searched and re-checked: by the torch backend (fp32) and by the canonical
+        step (`full`: searched again in float64; `exact`: decided in decimal arithmetic)."""
+        out = dict(self._torch.stats) if self._torch is not None else {}
+        out.update({f"canonical_{k}": v for k, v in self.canonical.stats.items()})
+        return out
+
+
+def auto_backend(use_gpu: bool) -> str:
+    """The backend `auto` picks: faiss-gpu, else torch on CUDA; on a CPU, torch (bf16) when
+    it has native bf16 dot products, faiss otherwise."""
+    if use_gpu and torch_cuda():
+        return "faiss" if has_faiss_gpu() else "torch"
+    return "torch" if cpu_has_bf16() else "faiss"
 
 
 class TorchTopKSearch:
@@ -170,6 +182,7 @@ class TorchTopKSearch:
         # set_float32_matmul_precision("high") would turn TF32 back on
         c = torch.from_numpy(np.array(centroids, np.float32)).to(self.device)  # own, writable
         self.c32 = c
+        self._c_np = c.cpu().numpy()
         self.cT_low = c.to(self.dtype).T.contiguous()
         self.cT32 = c.T.contiguous()
         hn = 0.5 * (c.double() ** 2).sum(1)
@@ -179,7 +192,9 @@ class TorchTopKSearch:
         self.g32 = 2 * self.d * 2.0**-24 / (1 - self.d * 2.0**-24)
         self.fixed_chunk = chunk_rows  # None: sized from the free memory at each search
         self.chunk_rows = chunk_rows or self._chunk_rows()
-        self.stats = {"rows": 0, "rechecked": 0, "second_exact": 0}
+        self.stats = {"rows": 0, "rechecked": 0, "certified": 0}
+        slack = cosine_slack(centroids) + (self.d + 4) * 2.0**-24  # x normalised in fp32
+        self.cos_tol = slack
         self._pinned: tuple[Any, Any] | None = None  # host buffers (CUDA): rows in, results out
 
     def _chunk_rows(self) -> int:
@@ -193,18 +208,19 @@ class TorchTopKSearch:
         if self._pinned is None or self._pinned[0].shape[0] < rows:
             self._pinned = (
                 torch.empty((rows, self.d), dtype=torch.float32, pin_memory=True),
-                torch.empty((rows, 4), dtype=torch.int32, pin_memory=True),
+                torch.empty((rows, self.m + 1), dtype=torch.int32, pin_memory=True),
             )
         return self._pinned
 
-    def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Host rows -> host results, chunk by chunk: on CUDA each chunk goes up through a
-        page-locked buffer and its results come back in one packed copy."""
+    def candidates(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Host rows -> (candidates int32 [n, m] by exact fp32 score, certified bool [n]),
+        chunk by chunk: on CUDA each chunk goes up through a page-locked buffer and its results
+        come back in one packed copy."""
         torch = self.torch
         n = len(x)
-        cluster = np.empty(n, np.int32)
-        dist = np.empty(n, np.float32)
-        second = np.empty(n, np.float32)
+        m = self.m
+        cand = np.empty((n, m), np.int32)
+        ok = np.empty(n, bool)
         with warnings.catch_warnings():  # x may be a read-only Arrow/Ray buffer: only read here
             warnings.simplefilter("ignore", UserWarning)
             xt = torch.from_numpy(x)
@@ -221,29 +237,18 @@ class TorchTopKSearch:
                     x32 = pin_in[: b - a].to(self.device, non_blocking=True)
                 else:
                     x32 = xt[a:b]
-                ci, d1, d2, sec = self._chunk(x32)
-                packed = torch.stack(
-                    [ci, d1.view(torch.int32), d2.view(torch.int32), sec.to(torch.int32)], 1
-                )
+                ci, sure = self._chunk(x32)
+                packed = torch.cat([ci.to(torch.int32), sure.to(torch.int32)[:, None]], 1)
                 if cuda:  # one copy back, then one wait
                     pin_out[: b - a].copy_(packed, non_blocking=True)
                     torch.cuda.current_stream(self.device).synchronize()
                     got = pin_out[: b - a].numpy()
                 else:
                     got = packed.numpy()
-                cluster[a:b] = got[:, 0]
-                dist[a:b] = got[:, 1].view(np.float32)
-                second[a:b] = got[:, 2].view(np.float32)
-                self.stats["second_exact"] += int(got[:, 3].sum())
-        return cluster, dist, second
-
-    def search_device(self, x32):
-        """One chunk already on the device (float32 [n, d] tensor) -> (cluster int32,
-        distance float32, second-nearest distance float32) tensors on the device."""
-        with exact_fp32():
-            ci, d1, d2, sec = self._chunk(x32)
-        self.stats["second_exact"] += int(sec.sum())
-        return ci, d1, d2
+                cand[a:b] = got[:, :m]
+                ok[a:b] = got[:, m] != 0
+        self.stats["certified"] += int(ok.sum())
+        return cand, ok
 
     def _low_scores(self, x32):
         """Low-precision scores [n, k]: kept in bf16/fp16 for cosine (topk reads them as is)."""
@@ -253,14 +258,22 @@ class TorchTopKSearch:
         return s
 
     def _exact(self, x32, cand):
-        """fp32 scores of the candidate prototypes [n, m] (one small batched dot per row)."""
-        cg = self.c32[cand]  # [n, m, d]
-        ex = self.torch.bmm(cg, x32.unsqueeze(2)).squeeze(2)
+        """fp32 scores of the candidate prototypes [n, m]: one small batched dot per row on
+        CUDA; on the CPU a row-wise dot per candidate column (numpy: 6x torch's gather + bmm)."""
+        if self.device.type == "cpu":
+            xn, cn, jn = x32.numpy(), self._c_np, cand.numpy()
+            ex = np.empty(jn.shape, np.float32)
+            for t in range(jn.shape[1]):
+                ex[:, t] = np.einsum("ij,ij->i", xn, cn[jn[:, t]])
+            ex = self.torch.from_numpy(ex)
+        else:
+            ex = self.torch.bmm(self.c32[cand], x32.unsqueeze(2)).squeeze(2)
         if self.metric == "l2":
             ex = ex - self.half_norm32[cand]
         return ex
 
     def _chunk(self, x32):
+        """(candidates [n, m] by exact score, certified [n]) of one chunk on the device."""
         torch = self.torch
         n = x32.shape[0]
         m = self.m
@@ -273,27 +286,31 @@ class TorchTopKSearch:
         order = _order_desc(torch, ex, cand)
         ex = torch.gather(ex, 1, order)
         cand = torch.gather(cand, 1, order)
+        xnorm = torch.linalg.vector_norm(x32, dim=1)
+        xc = xnorm * self.cmax
+        e32 = self.g32 * (xc + self.hnmax) + 2.0**-23 * (xc + self.hnmax)  # an fp32 score's
+        if self.metric == "cosine":
+            tol = self.cos_tol * xnorm * 1.01
+        else:  # two float32 steps of the distance, in score units, plus both scores' errors
+            sq = (xnorm * xnorm - 2 * ex[:, -1]).clamp_min(0)
+            tol = 2 * e32 + 2.0**-21 * sq + 1e-30
         if m < self.k:
-            xnorm = torch.linalg.vector_norm(x32, dim=1)
-            xc = xnorm * self.cmax
-            eps = self.eps * xc
-            # fp32 rounding: of the half norms (l2), and of the exact re-score itself
-            eps = eps + self.g32 * (xc + self.hnmax) + 2.0**-23 * (xc + self.hnmax)
-            bound = lv[:, m - 1] + eps  # the best any non-candidate can score
-            ok = ex[:, 0] > bound
-            sec_ok = (ex[:, 1] > bound) if m > 1 else ok
-            bad = torch.nonzero(~ok).flatten()  # the chunk's one wait for the device
+            bound = lv[:, m - 1] + self.eps * xc + e32  # the best any non-candidate can score
+            first = ex[:, 0] > bound
+            bad = torch.nonzero(~first).flatten()  # the chunk's one wait for the device
+            sure = ex[:, 1] - tol > bound  # m >= 3 here
             if bad.numel():
                 ex_b, cand_b = self._full(x32[bad])
                 ex[bad] = ex_b
                 cand[bad] = cand_b
-                sec_ok[bad] = True
+                # fp32 top-m: a non-candidate scores at most the m-th plus twice an fp32 error
+                sure[bad] = ex_b[:, 1] - tol[bad] - 2 * e32[bad] > ex_b[:, m - 1]
             self.stats["rechecked"] += int(bad.numel())
+            sure &= ex[:, 1] - ex[:, 2] > tol
         else:
-            sec_ok = torch.ones(n, dtype=torch.bool, device=x32.device)
+            sure = torch.ones(n, dtype=torch.bool, device=x32.device)
         self.stats["rows"] += n
-        d1, d2 = self._distances(ex, x32, cand)
-        return cand[:, 0].to(torch.int32), d1, d2, sec_ok
+        return cand, sure
 
     def _full(self, x32):
         """Full fp32 search of some rows: fp32 top-m, then the re-score, re-ordered."""
@@ -304,18 +321,6 @@ class TorchTopKSearch:
         ex = self._exact(x32, cand)
         order = _order_desc(self.torch, ex, cand)
         return self.torch.gather(ex, 1, order), self.torch.gather(cand, 1, order)
-
-    def _distances(self, ex, x32, cand):
-        torch = self.torch
-        if self.metric == "cosine":
-            d = 1.0 - ex[:, :2]
-        else:
-            # direct ||x - c|| of the two best (no cancellation near a prototype)
-            diff = x32[:, None, :] - self.c32[cand[:, :2]]
-            d = torch.linalg.vector_norm(diff, dim=2)
-        d = d.float()
-        d2 = d[:, 1] if d.shape[1] > 1 else torch.full_like(d[:, 0], float("inf"))
-        return d[:, 0], d2
 
 
 def _order_desc(torch, ex, cand):

@@ -1,19 +1,40 @@
 """The faiss backend of the nearest-prototype search (`assign.NearestPrototype`): an exact
-flat index over the centroids."""
+flat fp32 index over the centroids, whose top three candidates certify the first two (the
+committed distances are computed from the chosen prototypes by `kernels.canonical`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from scoring.kernels.devices import row_norms
+
+CANDIDATES = 3
+
+
+def gamma32(d: int) -> float:
+    """Bound on an fp32 dot product's relative error (any summation order), d terms."""
+    return d * 2.0**-24 / (1 - d * 2.0**-24)
+
+
+def cosine_slack(centroids: np.ndarray) -> float:
+    """Per-unit-‖x‖ error of ranking by x·c instead of by cosine: fp32 accumulation plus how
+    far the float32 prototypes' norms are from 1, plus two float32 steps of a distance."""
+    cn = np.sqrt(np.einsum("ij,ij->i", centroids.astype(np.float64), centroids))
+    cmax = float(cn.max()) if len(cn) else 0.0
+    dev = float(np.abs(cn - 1.0).max()) if len(cn) else 0.0
+    return 2 * (gamma32(centroids.shape[1] + 2) * cmax + dev) * 1.01 + 2.0**-22
+
 
 class FaissSearch:
-    """A faiss flat index over the centroids: exact fp32 top-2."""
+    """A faiss flat index over the centroids: fp32 top three, and which rows' top two are
+    certified (the gap to the third exceeds every rounding error and a float32 step)."""
 
     def __init__(self, centroids: np.ndarray, metric: str, use_gpu: bool = False):
         import faiss
 
         self.metric = metric
         self.k, d = centroids.shape
+        self.d = d
         index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
         if use_gpu:
             res = faiss.StandardGpuResources()
@@ -21,17 +42,21 @@ class FaissSearch:
             self._res = res
         index.add(centroids)
         self.index = index
+        self.slack = cosine_slack(centroids)
+        cn = np.sqrt(np.einsum("ij,ij->i", centroids.astype(np.float64), centroids))
+        self.cmax = float(cn.max()) if self.k else 0.0
 
-    def search(
-        self, x: np.ndarray, scale: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        kk = min(2, self.k)
-        sims, idx = self.index.search(x, kk)
-        if self.metric == "cosine":
-            if scale is not None:  # raw rows: cos = x·c / ‖x‖ (zero rows: cos 0)
-                sims = sims / np.where(scale > 0, scale, np.float32(1.0))[:, None]
-            dist = (1.0 - sims).astype(np.float32)
-        else:
-            dist = np.sqrt(np.maximum(sims, 0.0)).astype(np.float32)
-        second = dist[:, 1] if kk == 2 else np.full(len(x), np.inf, np.float32)
-        return idx[:, 0].astype(np.int32), dist[:, 0].copy(), second.copy()
+    def candidates(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate prototypes [n, min(3, k)], certified bool [n]) of rows x (any norm)."""
+        kk = min(CANDIDATES, self.k)
+        s, idx = self.index.search(x, kk)
+        if kk < 3:
+            return idx, np.ones(len(x), bool)
+        s = s.astype(np.float64)
+        nx = row_norms(x).astype(np.float64) * (1 + 2 * gamma32(self.d))
+        if self.metric == "cosine":  # similarities: larger is nearer
+            ok = s[:, 1] - s[:, 2] > nx * self.slack
+        else:  # squared distances: smaller is nearer
+            err = gamma32(self.d + 2) * (nx + self.cmax) ** 2 * 1.01
+            ok = s[:, 2] - s[:, 1] > 2 * err + 2.0**-20 * s[:, 2] + 1e-30
+        return idx, ok

@@ -112,12 +112,12 @@ def score_shard(
             f"has width {x.shape[1]}, the prototypes "
             f"have {searcher.d}"
         )
-    # Unit rows are needed only when the embeddings are saved (dedup compares them);
-    # otherwise the search divides the two best scores by the row norms (no n x d copy).
-    keep_x = cfg.save_embeddings or cfg.effective_dedup_eps is not None
-    if cfg.metric == "cosine" and keep_x:
+    # The distances are the canonical ones of the stored rows (kernels.canonical), so they do
+    # not depend on whether the embeddings are saved; unit rows (an n x d copy) are made only
+    # when they are (dedup compares them).
+    cluster, dist, second = searcher.search(x)
+    if cfg.metric == "cosine" and (cfg.save_embeddings or cfg.effective_dedup_eps is not None):
         x = normalize(x)
-    cluster, dist, second = searcher.search(x, unit=cfg.metric != "cosine" or keep_x)
     table = scores_table(ids, cluster, dist, second)
     # issue 6: labels and embeddings, in exactly the score file's row order and row groups
     order = np.argsort(cluster, kind="stable")
