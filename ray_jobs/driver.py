@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -188,7 +189,6 @@ class Run:
             reuse.commit_prototypes(self.store, self.source)
             log.info("prototypes from %s (sha256 %s)", self.source.url, self.source.sha256[:12])
             return commit.load_committed(self.store)
-        t0 = time.perf_counter()
         cfg = self.cfg
         counts = self.plan_.sample_counts(cfg)
         if int(counts.sum()) < min(cfg.effective_sample_size, self.n_rows):
@@ -216,14 +216,15 @@ class Run:
         except BaseException:
             self.close_pool()
             raise
-        prog.close()
+        self.timings["sample"] = prog.close()
         parts = [refs[s.index] for s, _ in todo]
         if raw:  # a shard whose sample is the whole shard keeps its embeddings for scoring
             self.cached = {s.index: refs[s.index] for s, c in todo if c >= s.rows}
+        t1 = time.perf_counter()
         fit = self._fit(parts, names)
         parts.clear()  # release the sample parts from the object store
         commit.clear_failures(self.store, layout.PROTOTYPES)
-        self.timings["prototypes"] = time.perf_counter() - t0
+        self.timings["fit"] = time.perf_counter() - t1  # gather, k-means, commit
         log.info(
             "prototypes: k=%d on %d sampled rows, inertia %.4g, %d iterations (%.1fs)",
             cfg.k, fit.sample_rows, fit.inertia, fit.iterations, fit.seconds,
@@ -314,12 +315,15 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
 
     configure_progress(log_format=cfg.log_format)
     r = Run(cfg, quiet=quiet)
-    r.plan()
-    done = commit.read_manifest(r.store)
+    if not cfg.force_new and r.store.exists(layout.MANIFEST):
+        r.plan()  # committed: check the settings against run.json, start nothing
+        log.info("run %s is already committed", r.store.uri())
+        return commit.read_manifest(r.store)
+    plan_and_start_ray(r, cfg.address)
+    done = commit.read_manifest(r.store)  # another driver may have committed meanwhile
     if done is not None:
         log.info("run %s is already committed", r.store.uri())
         return done
-    sch.ensure_ray(cfg.address)
     # workers the cluster can never place fail the run now, not after the sample and the fit
     sch.worker_resources(cfg, len(r.shards))
     try:
@@ -335,6 +339,18 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     r.commit(doc)
     write_report_logged(r.store)
     return doc
+
+
+def plan_and_start_ray(r: Run, address: str | None) -> None:
+    """Plan the input (listing, footers, run.json: IO) on a thread while Ray starts on this
+    one (ray.init wants the main thread): the two waits overlap (~4 s of Ray start-up and the
+    footer reads of every input file)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="plan") as ex:
+        planned = ex.submit(r.plan)
+        try:
+            sch.ensure_ray(address)
+        finally:
+            planned.result()  # a bad input's error wins over anything Ray said
 
 
 def write_report_logged(store: Store, selection: str | None = None) -> str | None:

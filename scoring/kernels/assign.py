@@ -25,8 +25,8 @@ non-candidate, within the backend's rounding error plus a float32 step) is searc
 every prototype in float64 by `Canonical.nearest`.
 
 ``backend="auto"`` (or the environment variable PROTOPRUNE_SEARCH_BACKEND=faiss|torch|auto,
-read by every worker) picks faiss-gpu when a GPU and faiss-gpu are present, torch on CUDA when only
-a GPU is, torch (bf16) on a CPU with native bf16 dot products, and faiss otherwise. Since the
+read by every worker) picks torch bf16 on CUDA and on a CPU with native bf16 dot products, and
+faiss otherwise (faiss-gpu stays available: pin `faiss`). Since the
 answer no longer depends on the backend, the rule is only about speed (benchmarks/README.md).
 """
 
@@ -125,13 +125,8 @@ class NearestPrototype:
             raise ValueError(
                 f"embedding width {x.shape[-1]} does not match the prototypes' {self.d}"
             )
-        if self.backend == "torch":
-            xs = x
-            if self.metric == "cosine":
-                from scoring.kernels.devices import normalize
-
-                xs = normalize(x)
-            cand, ok = self._torch.candidates(xs)
+        if self.backend == "torch":  # normalises each chunk for cosine: no n x d copy
+            cand, ok = self._torch.candidates(x)
         else:
             cand, ok = self._faiss.candidates(x)
         return self.canonical.nearest(x, cand, ok)
@@ -146,10 +141,11 @@ class NearestPrototype:
 
 
 def auto_backend(use_gpu: bool) -> str:
-    """The backend `auto` picks: faiss-gpu, else torch on CUDA; on a CPU, torch (bf16) when
-    it has native bf16 dot products, faiss otherwise."""
+    """The backend `auto` picks, for speed only (every backend writes the same bytes): torch
+    bf16 on CUDA (tensor-core bf16 against faiss-gpu's fp32 GEMM, the search's whole cost at
+    large k) and on a CPU with native bf16 dot products; faiss otherwise."""
     if use_gpu and torch_cuda():
-        return "faiss" if has_faiss_gpu() else "torch"
+        return "torch"
     return "torch" if cpu_has_bf16() else "faiss"
 
 
@@ -213,7 +209,8 @@ class TorchTopKSearch:
         return self._pinned
 
     def candidates(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Host rows -> (candidates int32 [n, m] by exact fp32 score, certified bool [n]),
+        """Host rows (any norm) -> (candidates int32 [n, m] by exact fp32 score, certified
+        bool [n]),
         chunk by chunk: on CUDA each chunk goes up through a page-locked buffer and its results
         come back in one packed copy."""
         torch = self.torch
@@ -237,6 +234,8 @@ class TorchTopKSearch:
                     x32 = pin_in[: b - a].to(self.device, non_blocking=True)
                 else:
                     x32 = xt[a:b]
+                if self.metric == "cosine":  # unit rows, one chunk at a time
+                    x32 = torch.nn.functional.normalize(x32, dim=1)
                 ci, sure = self._chunk(x32)
                 packed = torch.cat([ci.to(torch.int32), sure.to(torch.int32)[:, None]], 1)
                 if cuda:  # one copy back, then one wait
