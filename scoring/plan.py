@@ -42,8 +42,9 @@ class RunPlan:
         input's row groups (kernels.sampling), so it never depends on the shard plan: the fit
         and the resume check of a changed file must agree on it."""
         size = sample_size_rule(cfg.effective_sample_size, self.n_rows, cfg.k, self.embedding_width)
-        counts = sample_plan([r for _, rg in self.group_rows for r in rg], size, cfg.seed)
-        return shard_picks(self.shards, self.group_rows, counts), plan_digest(counts)
+        units = [r for _, rg in self.group_rows for r in rg]
+        counts = sample_plan(units, size, cfg.seed)
+        return shard_picks(self.shards, self.group_rows, counts), plan_digest(counts, units)
 
 
 def shard_picks(
