@@ -21,7 +21,7 @@ from ray_jobs.progress import configure as configure_progress
 from scoring import commit, layout
 from scoring.config import RunConfig
 from scoring.errors import BadInput, RunFailed, user_cause
-from scoring.plan import RunPlan, check_resume, plan_input, run_doc
+from scoring.plan import RunPlan, check_resume, check_sample_plan, plan_input, run_doc
 from scoring.stages import reuse
 from scoring.stages.sample import SampleTask, digest_task, pick_rows, sample_task
 from scoring.storage import Store
@@ -111,14 +111,7 @@ class Run:
             )
         if marker is not None:
             digests = marker.get("sample_sha256") or {}
-            picks, plan_sha = self.plan_.sample_picks(self.cfg)
-            was = marker.get("sample_plan_sha256")
-            if was is not None and was != plan_sha:
-                raise BadInput(
-                    f"run {self.store.uri()}: input file(s) {', '.join(sorted(changed))} changed "
-                    f"the row groups the committed prototypes' sample was drawn from; {again}"
-                )
-            gone = [s.index for s in shards if str(s.index) in digests and s.index not in picks]
+            picks, gone = check_sample_plan(self.cfg, self.plan_, marker, shards, self.store.uri())
             tasks = sch.Tasks(digest_task, 2 * sch.cluster_cpus())
             units = [
                 (s.index, self._sample_task(s, picks[s.index])) for s in shards if s.index in picks

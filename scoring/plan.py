@@ -47,6 +47,24 @@ class RunPlan:
         return shard_picks(self.shards, self.group_rows, counts), plan_digest(counts, units)
 
 
+def check_sample_plan(
+    cfg: RunConfig, plan: RunPlan, marker: dict[str, Any], changed: Sequence[Shard], where: str
+) -> tuple[dict[int, tuple[Pick, ...]], list[int]]:
+    """Resume over changed files: refuse when the sample plan moved (other row groups or counts
+    than the committed prototypes were fitted on). Returns the picks and the changed shards that
+    gave rows to the committed sample but give none now (their digests no longer match)."""
+    picks, plan_sha = plan.sample_picks(cfg)
+    was = marker.get("sample_plan_sha256")
+    if was is not None and was != plan_sha:
+        files = ", ".join(sorted({s.file for s in changed}))
+        raise BadInput(
+            f"run {where}: input file(s) {files} changed the row groups the committed "
+            f"prototypes' sample was drawn from; rerun with --force-new or use a new --run-id"
+        )
+    digests = marker.get("sample_sha256") or {}
+    return picks, [s.index for s in changed if str(s.index) in digests and s.index not in picks]
+
+
 def shard_picks(
     shards: Sequence[Shard], group_rows: list[tuple[str, list[int]]], counts: np.ndarray
 ) -> dict[int, tuple[Pick, ...]]:
