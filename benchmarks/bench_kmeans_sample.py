@@ -1,12 +1,13 @@
 """Quality of the k-means sample rule: inertia on all N rows of prototypes fitted on a sample
 (uniform rows, and the row-group sample protoprune draws), against a fit on the full data.
 
-The data are N clustered rows in shards of 100,000 rows with 10,000-row row groups, in two
-layouts: shuffled (row order independent of cluster) and sorted by latent cluster (the worst
-case for sampling whole row groups: each group holds few clusters). The row-group sample uses
-the pipeline's own functions (sample_counts, sample_groups).
+The data are N clustered rows in 10,000-row row groups, in two layouts: shuffled (row order
+independent of cluster) and sorted by latent cluster (the worst case for sampling whole row
+groups: each group holds few clusters). The row-group sample uses the pipeline's own functions
+(sample_plan, unit_rows); it depends on the row groups only, never on the shards.
 
     python benchmarks/bench_kmeans_sample.py             # N = 1M, d = 64, k = 1000
+    python benchmarks/bench_kmeans_sample.py --quick     # N = 50,000, d = 32, k = 50
 """
 
 from __future__ import annotations
@@ -18,32 +19,28 @@ import time
 import numpy as np
 from _common import header, loadavg
 
-from scoring.kernels.assign import FaissSearch
+from scoring.kernels.assign import NearestPrototype
 from scoring.kernels.devices import normalize
 from scoring.kernels.kmeans import fit_kmeans
-from scoring.kernels.sampling import sample_counts, sample_groups
+from scoring.kernels.sampling import sample_plan, unit_rows
 
 
 def mean_distance(x: np.ndarray, c: np.ndarray) -> float:
     """Mean cosine distance of every row to its nearest prototype (the inertia we report)."""
-    _, d, _ = FaissSearch(c, "cosine").search(x)
+    _, d, _ = NearestPrototype(c, "cosine").search(x)
     return float(d.mean())
 
 
-def rowgroup_sample(n: int, shard_rows: int, group_rows: int, size: int, seed: int):
-    shards = [min(shard_rows, n - a) for a in range(0, n, shard_rows)]
-    counts = sample_counts(shards, size)
-    out = []
-    groups_read = 0
-    for i, (rows, cnt) in enumerate(zip(shards, counts)):
-        g = [min(group_rows, rows - a) for a in range(0, rows, group_rows)]
-        picked, pos = sample_groups(g, int(cnt), seed, i)
-        groups_read += len(picked)
-        starts = np.cumsum([0] + g)[:-1]
-        glob = np.concatenate([np.arange(starts[p], starts[p] + g[p]) for p in picked])
-        out.append(i * shard_rows + glob[pos])
-    total_groups = sum((r + group_rows - 1) // group_rows for r in shards)
-    return np.concatenate(out), groups_read / total_groups
+def rowgroup_sample(n: int, group_rows: int, size: int, seed: int):
+    """The rows protoprune's sample rule draws from N rows in row groups of `group_rows` (the
+    rule never sees the shards), and the share of row groups it reads."""
+    units = [min(group_rows, n - a) for a in range(0, n, group_rows)]
+    counts = sample_plan(units, size, seed)
+    picked = np.flatnonzero(counts)
+    idx = np.concatenate(
+        [u * group_rows + unit_rows(units[u], int(counts[u]), seed, int(u)) for u in picked]
+    )
+    return idx, len(picked) / len(units)
 
 
 def main() -> None:
@@ -53,7 +50,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--per-centroid", default="39,64,256", help="sample sizes as multiples of k")
+    ap.add_argument("--group-rows", type=int, default=10_000, help="rows per row group")
+    ap.add_argument("--quick", action="store_true", help="small scale: 50,000 x 32, k = 50")
     args = ap.parse_args()
+    if args.quick:
+        args.rows, args.dim, args.k, args.group_rows = 50_000, 32, 50, 1_000
     logging.basicConfig(level=logging.WARNING)
     header(f"bench_kmeans_sample: {args.rows:,} x {args.dim}, k = {args.k}")
     rng = np.random.default_rng(0)
@@ -76,7 +77,7 @@ def main() -> None:
                     idx = np.sort(rng.choice(args.rows, size=size, replace=False))
                     frac = 1.0
                 else:
-                    idx, frac = rowgroup_sample(args.rows, 100_000, 10_000, size, 0)
+                    idx, frac = rowgroup_sample(args.rows, args.group_rows, size, 0)
                 c, _, _ = fit_kmeans(xl[idx], args.k, args.iters, "cosine", 0)
                 md = mean_distance(xl, c)
                 print(

@@ -22,9 +22,9 @@ from ray_jobs.progress import configure as configure_progress
 from scoring import commit, layout
 from scoring.config import RunConfig
 from scoring.errors import BadInput, RunFailed, user_cause
-from scoring.plan import RunPlan, check_resume, plan_input, run_doc
+from scoring.plan import RunPlan, check_resume, check_sample_plan, plan_input, run_doc
 from scoring.stages import reuse
-from scoring.stages.sample import SampleTask, digest_task, sample_task
+from scoring.stages.sample import SampleTask, digest_task, pick_rows, sample_task
 from scoring.storage import Store
 
 log = logging.getLogger("protoprune")
@@ -112,11 +112,12 @@ class Run:
             )
         if marker is not None:
             digests = marker.get("sample_sha256") or {}
-            counts = self.plan_.sample_counts(self.cfg)
-            check = [s for s in shards if counts[s.index] > 0]
+            picks, gone = check_sample_plan(self.cfg, self.plan_, marker, shards, self.store.uri())
             tasks = sch.Tasks(digest_task, 2 * sch.cluster_cpus())
-            units = [(s.index, self._sample_task(s, int(counts[s.index]))) for s in check]
-            for i, digest in sch.run_map(tasks, units):
+            units = [
+                (s.index, self._sample_task(s, picks[s.index])) for s in shards if s.index in picks
+            ]
+            for i, digest in [(j, None) for j in gone] or sch.run_map(tasks, units):
                 if digests.get(str(i)) != digest:
                     raise BadInput(
                         f"run {self.store.uri()}: input file {self.where(i)} changed rows the "
@@ -143,8 +144,8 @@ class Run:
         )
         self.changed_files = []
 
-    def _sample_task(self, shard, count: int) -> SampleTask:
-        return SampleTask(self.cfg, self.in_store, shard, count)
+    def _sample_task(self, shard, picks) -> SampleTask:
+        return SampleTask(self.cfg, self.in_store, shard, picks)
 
     def _failures(self, stage: str) -> sch.Failures:
         return sch.Failures(self.store, stage, self.where, self.row_groups)
@@ -190,19 +191,21 @@ class Run:
             log.info("prototypes from %s (sha256 %s)", self.source.url, self.source.sha256[:12])
             return commit.load_committed(self.store)
         cfg = self.cfg
-        counts = self.plan_.sample_counts(cfg)
-        if int(counts.sum()) < min(cfg.effective_sample_size, self.n_rows):
-            log.warning("k-means sample capped at %d rows (sample memory cap)", counts.sum())
-        todo = [(s, int(c)) for s, c in zip(self.shards, counts) if c > 0]
+        picks, plan_sha = self.plan_.sample_picks(cfg)
+        total = sum(pick_rows(p) for p in picks.values())
+        if total < min(cfg.effective_sample_size, self.n_rows):
+            log.warning("k-means sample capped at %d rows (sample memory cap)", total)
+        # in shard order = canonical (file, row group, row) order, whatever --shard-rows is
+        todo = [(s, picks[s.index]) for s in self.shards if s.index in picks]
         names = [(s.index, self.in_store.uri(s.file)) for s, _ in todo]
-        prog = Progress("sample", len(todo), int(counts.sum()), self.quiet)
+        prog = Progress("sample", len(todo), total, self.quiet)
         raw = bool(cfg.text_column or cfg.image_column)
         # Raw content: the ShardWorker actors (the embedder loaded once each) embed only the
         # sample rows; sampling writes nothing, so a lost actor's shard is simply retried.
         # Precomputed embeddings: plain tasks. Sample arrays stay in the object store.
         if raw:
             slots = self.actors()
-            slots.call = lambda a, t: a.sample.remote(t.shard, t.count)
+            slots.call = lambda a, t: a.sample.remote(t.shard, t.picks)
         else:
             slots = sch.Tasks(sample_task, 2 * sch.cluster_cpus())
         units = [(s.index, self._sample_task(s, c)) for s, c in todo]
@@ -219,9 +222,9 @@ class Run:
         self.timings["sample"] = prog.close()
         parts = [refs[s.index] for s, _ in todo]
         if raw:  # a shard whose sample is the whole shard keeps its embeddings for scoring
-            self.cached = {s.index: refs[s.index] for s, c in todo if c >= s.rows}
+            self.cached = {s.index: refs[s.index] for s, p in todo if pick_rows(p) >= s.rows}
         t1 = time.perf_counter()
-        fit = self._fit(parts, names)
+        fit = self._fit(parts, names, plan_sha)
         parts.clear()  # release the sample parts from the object store
         commit.clear_failures(self.store, layout.PROTOTYPES)
         self.timings["fit"] = time.perf_counter() - t1  # gather, k-means, commit
@@ -233,7 +236,7 @@ class Run:
         assert got is not None
         return got
 
-    def _fit(self, parts: list[Any], names: list[tuple[int, str]]):
+    def _fit(self, parts: list[Any], names: list[tuple[int, str]], plan_sha: str):
         """The k-means fit: inside an actor of the pool when it holds the cluster's resources,
         else as one task (on a GPU when the cluster has one). A user error is recorded."""
         import ray
@@ -242,10 +245,10 @@ class Run:
 
         try:
             if self.pool is not None:
-                return ray.get(self.pool.actors[0].fit.remote(parts, names))
+                return ray.get(self.pool.actors[0].fit.remote(parts, names, plan_sha))
             gpu = sch.cluster_gpus() > 0
             task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(fit_task)
-            return ray.get(task.remote(self.cfg, self.store, parts, names, gpu))
+            return ray.get(task.remote(self.cfg, self.store, parts, names, gpu, plan_sha))
         except Exception as e:  # noqa: BLE001 - classified here
             cause = user_cause(e)
             if cause is None:

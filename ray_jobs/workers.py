@@ -129,17 +129,17 @@ class ShardWorker:
                 source=source,
             )
 
-    def fit(self, samples: list[Any], names: list[tuple[int, str]]) -> FitResult:
+    def fit(self, samples: list[Any], names: list[tuple[int, str]], plan_sha: str) -> FitResult:
         """Fit and commit the prototypes here (the pool's actors hold the cluster's
         resources while the sample stage runs; a separate fit task would wait for them)."""
         with self.lock:
-            return fit_task(self.cfg, self.run_store, samples, names, self.use_gpu)
+            return fit_task(self.cfg, self.run_store, samples, names, self.use_gpu, plan_sha)
 
-    def sample(self, shard: Shard, count: int) -> np.ndarray:
+    def sample(self, shard: Shard, picks: tuple) -> np.ndarray:
         """The shard's prototype-sample rows, embedded (only those rows, read from the few
         row groups the sample rule picks)."""
         self._started()
-        part = sample_stage.read_sample(self.cfg, self.in_store, shard, count, self.source)
+        part = sample_stage.read_sample(self.cfg, self.in_store, shard, picks, self.source)
         with self.lock:  # IO above, unlocked
             return sample_stage.embed_sample(self.cfg, part, source=self.source)
 
@@ -150,11 +150,12 @@ def fit_task(
     samples: list[Any],
     names: list[tuple[int, str]],
     use_gpu: bool,
+    plan_sha: str | None = None,
 ) -> FitResult:
     """The fit stage over sample parts held in the object store (fetched here, one at a time,
     never on the driver), on every core of the node."""
     use_all_cores()
-    return fit_prototypes(cfg, run_store, lambda j: ray.get(samples[j]), names, use_gpu)
+    return fit_prototypes(cfg, run_store, lambda j: ray.get(samples[j]), names, use_gpu, plan_sha)
 
 
 def use_all_cores() -> None:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from scoring import commit
 from scoring.config import RunConfig
 from scoring.embed import check_model_spec, content_column
 from scoring.errors import BadConfig, BadInput
-from scoring.inputs.parquet import Shard, check_schemas, fixed_width, plan_shards
-from scoring.kernels.sampling import sample_counts, sample_size_rule
+from scoring.inputs.parquet import Shard, check_schemas, fixed_width, plan_groups
+from scoring.kernels.sampling import Pick, plan_digest, sample_plan, sample_size_rule
 from scoring.storage import Store
 
 log = logging.getLogger("protoprune")
@@ -31,17 +34,69 @@ class RunPlan:
     fingerprint: list[dict[str, Any]]  # {"path", "size", "version"} per input file
     n_rows: int
     embedding_width: int | None  # known from the footers (fixed_size_list), else None
+    group_rows: list[tuple[str, list[int]]]  # (file key, rows per row group), planning order
 
-    def sample_counts(self, cfg: RunConfig):
-        """Rows each shard gives to the k-means sample (the size rule, then the allocation):
-        the fit and the resume check of a changed file must agree on it."""
+    def sample_picks(self, cfg: RunConfig) -> tuple[dict[int, tuple[Pick, ...]], str]:
+        """Each shard's part of the k-means sample (shard index -> its picks; shards with no
+        sample row are absent) and the sha256 of the whole plan. The plan is drawn over the
+        input's row groups (kernels.sampling), so it never depends on the shard plan: the fit
+        and the resume check of a changed file must agree on it."""
         size = sample_size_rule(cfg.effective_sample_size, self.n_rows, cfg.k, self.embedding_width)
-        return sample_counts([s.rows for s in self.shards], size)
+        units = [r for _, rg in self.group_rows for r in rg]
+        counts = sample_plan(units, size, cfg.seed)
+        return shard_picks(self.shards, self.group_rows, counts), plan_digest(counts, units)
+
+
+def check_sample_plan(
+    cfg: RunConfig, plan: RunPlan, marker: dict[str, Any], changed: Sequence[Shard], where: str
+) -> tuple[dict[int, tuple[Pick, ...]], list[int]]:
+    """Resume over changed files: refuse when the sample plan moved (other row groups or counts
+    than the committed prototypes were fitted on). Returns the picks and the changed shards that
+    gave rows to the committed sample but give none now (their digests no longer match)."""
+    picks, plan_sha = plan.sample_picks(cfg)
+    was = marker.get("sample_plan_sha256")
+    if was is not None and was != plan_sha:
+        files = ", ".join(sorted({s.file for s in changed}))
+        raise BadInput(
+            f"run {where}: input file(s) {files} changed the row groups the committed "
+            f"prototypes' sample was drawn from; rerun with --force-new or use a new --run-id"
+        )
+    digests = marker.get("sample_sha256") or {}
+    return picks, [s.index for s in changed if str(s.index) in digests and s.index not in picks]
+
+
+def shard_picks(
+    shards: Sequence[Shard], group_rows: list[tuple[str, list[int]]], counts: np.ndarray
+) -> dict[int, tuple[Pick, ...]]:
+    """Split a sample plan (rows per canonical unit) into the shards' picks: (row group in the
+    file, unit, rows) for each picked row group of the shard, ascending.
+
+    Shards must be indexed in canonical (file, row group) order: the fit gathers the parts in
+    shard order, which then is the canonical row order for any `--shard-rows`. Checked here."""
+    first: dict[str, int] = {}
+    u = 0
+    for key, rg in group_rows:
+        first[key] = u
+        u += len(rg)
+    cut = [s for s in shards if s.row_groups]
+    starts = np.array([first[s.file] + s.row_groups[0] for s in cut], dtype=np.int64)
+    if len(starts) > 1 and not (np.diff(starts) > 0).all():
+        raise ValueError("shards are not indexed in file then row-group order")
+    nz = np.flatnonzero(counts)
+    at = np.searchsorted(starts, nz, side="right") - 1
+    out: dict[int, list[Pick]] = {}
+    for unit, j in zip(nz.tolist(), at.tolist()):
+        s = cut[j] if j >= 0 else None
+        g = unit - first[s.file] if s is not None else -1
+        if s is None or g not in s.row_groups:
+            raise ValueError(f"sample unit {unit} lies in no shard")
+        out.setdefault(s.index, []).append((g, unit, int(counts[unit])))
+    return {i: tuple(p) for i, p in out.items()}
 
 
 def plan_input(cfg: RunConfig, in_store: Store) -> RunPlan:
     """List and plan the input, checking every file's schema from its footer."""
-    files, shards, schemas = plan_shards(in_store, cfg.shard_rows)
+    files, shards, schemas, groups = plan_groups(in_store, cfg.shard_rows)
     raw = bool(cfg.text_column or cfg.image_column)
     cols = [cfg.id_column, content_column(cfg), *filter(None, [cfg.label_column])]
     check_schemas(in_store, schemas, cfg.id_column, cols, None if raw else cfg.embedding_column)
@@ -53,7 +108,7 @@ def plan_input(cfg: RunConfig, in_store: Store) -> RunPlan:
         raise BadConfig(f"k = {cfg.k} is larger than the {n_rows} input rows")
     fingerprint = [{"path": f["key"], "size": f["size"], "version": f["version"]} for f in files]
     width = None if raw else fixed_width(schemas.values(), cfg.embedding_column)
-    return RunPlan(shards, fingerprint, n_rows, width)
+    return RunPlan(shards, fingerprint, n_rows, width, groups)
 
 
 def run_doc(cfg: RunConfig, plan: RunPlan, in_store: Store) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import torch
 from scoring.config import RunConfig
 from scoring.embed import ShardEmbedder, autocast_dtype, check_model_spec, load_embedder
 from scoring.inputs.parquet import plan_shards
+from scoring.kernels.devices import normalize
+from scoring.kernels.sampling import unit_rows
 from scoring.stages.sample import sample_shard
 from scoring.storage import Store
 from tests import tiny_cnn
@@ -117,8 +119,9 @@ def test_factory_images_from_bytes(tmp_path, fmt):
     ref = reference_cnn(blobs, autocast_dtype("cpu"))
     np.testing.assert_allclose(x, ref, rtol=2e-2, atol=2e-2)
     # the sample path embeds only the sample rows, normalised for cosine
-    s = sample_shard(cfg, store, shards[0], 5, source=src)
+    s = sample_shard(cfg, store, shards[0], ((0, 0, 5),), source=src)  # 5 rows of group 0
     assert s.shape == (5, 12)
+    np.testing.assert_allclose(s, normalize(ref[unit_rows(30, 5, cfg.seed, 0)]), atol=2e-2)
     np.testing.assert_allclose(np.linalg.norm(s, axis=1), 1.0, rtol=1e-5)
 
 

@@ -1,4 +1,5 @@
-"""Prototype sampling and faiss k-means: counts, determinism, exact iterations, no subsampling."""
+"""Prototype sampling and faiss k-means: the sample plan, determinism, exact iterations, no
+subsampling."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from scoring.commit import load_committed, save_centroids
 from scoring.kernels.devices import normalize
 from scoring.kernels.kmeans import fit_kmeans
-from scoring.kernels.sampling import sample_counts
+from scoring.kernels.sampling import sample_plan
 from scoring.storage import Store
 from tests.helpers import clustered
 
@@ -24,22 +25,29 @@ from tests.helpers import clustered
         ([3, 3, 3, 3], 5),
         ([1_000_000, 999_999, 1], 256_000),
         ([0, 0], 4),
+        ([100] * 500, 40),
     ],
 )
-def test_sample_counts_sum_and_proportional(rows, s):
-    c = sample_counts(rows, s)
-    n = sum(rows)
+def test_sample_plan_sums_and_reads_few_row_groups(rows, s):
+    """`rows`: rows per row group (the plan's units). The plan draws min(S, N) rows, never more
+    than a group holds, from picked groups holding at least min(N, 8 S) rows; the groups past
+    the one that reached 8 S are not read."""
+    c = sample_plan(rows, s, seed=5)
+    r = np.array(rows)
+    n = int(r.sum())
     assert int(c.sum()) == min(s, n)
-    assert (c >= 0).all() and (c <= np.array(rows)).all()
-    if n:
-        exact = np.array(rows) * min(s, n) / n
-        assert (np.abs(c - exact) < 1).all()
-
-
-def test_sample_counts_largest_remainder_ties_to_lower_shard():
-    assert sample_counts([3, 3, 3, 3], 5).tolist() == [2, 1, 1, 1]
-    # remainders: 1·2/4 = .5, 2·2/4 = 1.0, .5 -> floor [0,1,0], one more to the lower index
-    assert sample_counts([1, 2, 1], 2).tolist() == [1, 1, 0]
+    assert (c >= 0).all() and (c <= r).all()
+    assert np.array_equal(c, sample_plan(rows, s, seed=5))
+    if s >= n:
+        assert np.array_equal(c, r)  # the sample is every row
+        return
+    picked = c > 0
+    held = int(r[picked].sum())
+    # picking stops at the group that reached 8 S: without the largest the picks hold less
+    # (a group picked but given no row by the draw only makes `held` smaller)
+    assert held - int(r[picked].max()) < min(n, 8 * s)
+    if len(rows) == 500:  # 40 rows, 8 x 40 = 320 -> 4 groups of 100 hold them all
+        assert picked.sum() <= 4 and held <= 400
 
 
 @pytest.mark.parametrize("iters", [1, 3, 7])

@@ -233,6 +233,36 @@ def test_fixed_file_redoes_only_its_shards(tmp_path, ray_mod):
     assert stamps(d) == rerun_scores
 
 
+def test_fix_that_regroups_rows_and_moves_the_sample_is_refused(tmp_path, ray_mod):
+    """part-002 rewritten with the same rows (its duplicate id fixed) in row groups of 90, 72
+    and 38 instead of 81, 81 and 38: the same shard plan ([0, 2) and [2, 3)), but the sample
+    is drawn over row groups, so it now reads other rows, of other files too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import emb_array
+
+    ids = list(range(N))
+    ids[550] = 3
+    store, x = dataset(tmp_path, ids=ids)
+    with pytest.raises(RunFailed):
+        run(cfg(tmp_path, sample_size=40), quiet=True)
+    d = tmp_path / "out" / "a"
+    assert commit.load_committed_marker(Store(str(d)))["sample_plan_sha256"]
+    ids[550] = 10_000
+    t = pa.table({"id": pa.array(ids[400:]), "embedding": emb_array(x[400:])})
+    with pq.ParquetWriter(str(tmp_path / "in" / "data" / "part-002.parquet"), t.schema) as w:
+        for a, b in ((0, 90), (90, 162), (162, 200)):
+            w.write_table(t.slice(a, b - a))
+    with pytest.raises(ValueError, match=r"part-002.parquet changed the row groups the committed"):
+        run(cfg(tmp_path, sample_size=40), quiet=True)
+    # the same rows in the same row groups: accepted, only part-002's shards redone
+    write_dataset(store, x, ids, files=3)
+    run(cfg(tmp_path, sample_size=40), quiet=True)
+    run(cfg(tmp_path, "fresh", sample_size=40), quiet=True)
+    assert keep_ids(d) == keep_ids(tmp_path / "out" / "fresh")
+
+
 def test_fix_that_changes_the_prototype_sample_is_refused(tmp_path, ray_mod):
     ids = list(range(N))
     ids[550] = 3

@@ -1,4 +1,4 @@
-"""The k-means sample at scale: few row groups per shard, a memory cap, the torch k-means."""
+"""The k-means sample at scale: few row groups read, a memory cap, the torch k-means."""
 
 from __future__ import annotations
 
@@ -8,34 +8,53 @@ import pyarrow.parquet as pq
 import pytest
 
 from scoring.config import RunConfig
-from scoring.inputs.parquet import plan_shards
+from scoring.inputs.parquet import plan_groups
 from scoring.kernels.devices import normalize
 from scoring.kernels.kmeans import fit_kmeans, fit_kmeans_torch
-from scoring.kernels.sampling import sample_groups, sample_size_rule
+from scoring.kernels.sampling import sample_plan, sample_size_rule, unit_rows
+from scoring.plan import shard_picks
 from scoring.stages.sample import sample_shard, sample_subshard
 from scoring.storage import Store
 from tests.helpers import clustered, emb_array
 
 
-def test_sample_groups_reads_few_groups_and_is_deterministic():
+def test_sample_plan_reads_few_groups_and_is_deterministic():
     groups = [1000] * 50
-    picked, rows = sample_groups(groups, 100, seed=3, shard_index=7)
-    assert sum(groups[i] for i in picked) >= 800  # 8x the share
-    assert len(picked) == 1  # one group of 1000 holds 8 x 100
-    assert len(rows) == 100 and len(set(rows.tolist())) == 100
-    assert rows.min() >= 0 and rows.max() < 1000 * len(picked)
-    again = sample_groups(groups, 100, seed=3, shard_index=7)
-    assert again[0] == picked and np.array_equal(again[1], rows)
-    other = sample_groups(groups, 100, seed=3, shard_index=8)
-    assert (other[0], other[1].tolist()) != (picked, rows.tolist())
-    # a large share takes several groups; sorted; empty groups never picked
+    c = sample_plan(groups, 100, seed=3)
+    picked = np.flatnonzero(c)
+    assert len(picked) == 1 and c.sum() == 100  # one group of 1000 holds 8 x 100
+    assert np.array_equal(sample_plan(groups, 100, seed=3), c)
+    others = {int(np.flatnonzero(sample_plan(groups, 100, seed=s))[0]) for s in range(20)}
+    assert len(others) > 5  # the seed moves the pick
+    rows = unit_rows(1000, 100, 3, int(picked[0]))
+    assert len(set(rows.tolist())) == 100 and rows.min() >= 0 and rows.max() < 1000
+    assert np.array_equal(rows, np.sort(rows))
+    assert np.array_equal(rows, unit_rows(1000, 100, 3, int(picked[0])))
+    assert not np.array_equal(rows, unit_rows(1000, 100, 3, int(picked[0]) + 1))
+    # a large sample takes several groups; empty groups never picked
     groups2 = [300, 0, 500, 200, 0, 400]
-    p2, r2 = sample_groups(groups2, 120, seed=0, shard_index=0)
-    assert p2 == sorted(p2) and all(groups2[i] for i in p2)
-    assert sum(groups2[i] for i in p2) >= min(1400, 960)
-    # the share is the whole shard: everything
-    p3, r3 = sample_groups(groups2, 1400, seed=0, shard_index=0)
-    assert p3 == [0, 2, 3, 5] and np.array_equal(r3, np.arange(1400))
+    c2 = sample_plan(groups2, 120, seed=0)
+    assert all(groups2[i] for i in np.flatnonzero(c2)) and c2.sum() == 120
+    assert sum(groups2[i] for i in np.flatnonzero(c2)) >= 960 - 500  # see test_prototypes
+    # the sample is every row
+    assert np.array_equal(sample_plan(groups2, 1400, seed=0), groups2)
+    assert np.array_equal(unit_rows(300, 300, 0, 0), np.arange(300))
+
+
+def test_sample_rows_are_uniform_over_equal_row_groups():
+    """Over many seeds every row is in the sample with probability S / N (equal groups: the
+    rule is symmetric), checked against the binomial spread."""
+    groups = [40] * 25  # N = 1000
+    s, seeds = 30, 2000  # 8 x 30 = 240 rows: 6 groups read of 25
+    hits = np.zeros(1000)
+    for seed in range(seeds):
+        c = sample_plan(groups, s, seed)
+        for u in np.flatnonzero(c):
+            hits[u * 40 + unit_rows(40, int(c[u]), seed, int(u))] += 1
+    p = s / 1000
+    sd = np.sqrt(seeds * p * (1 - p))
+    assert abs(hits.mean() - seeds * p) < 1e-9  # exactly S rows each time
+    assert np.abs(hits - seeds * p).max() < 5 * sd
 
 
 def test_sample_size_rule_caps_memory_but_never_below_k():
@@ -54,18 +73,24 @@ def test_sample_shard_reads_the_picked_row_groups_only(tmp_path):
     t = pa.table({"id": pa.array(ids), "embedding": emb_array(x)})
     (tmp_path / "in").mkdir()
     pq.write_table(t, str(tmp_path / "in" / "a.parquet"), row_group_size=250)
-    _, shards, _ = plan_shards(store, 2000)
-    assert len(shards) == 2
+    _, shards, _, groups = plan_groups(store, 2000)
+    assert len(shards) == 2 and groups == [("a.parquet", [250] * 16)]
     cfg = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), metric="l2", k=2)
-    sh = shards[1]
-    sub, rows = sample_subshard(store.parquet_file(sh.file), sh, 50, cfg.seed)
-    assert len(sub.row_groups) == 2  # 2 x 250 rows >= 8 x 50
-    assert set(sub.row_groups) <= set(sh.row_groups)
-    got = sample_shard(cfg, store, sh, 50)
+    counts = sample_plan([250] * 16, 100, cfg.seed)  # 800 rows: 4 groups of the 16
+    picks = shard_picks(shards, groups, counts)
+    assert sum(len(p) for p in picks.values()) == 4
     # the expected rows, computed from the full table independently of the reader
-    starts = {g: g * 250 for g in range(16)}
-    global_rows = np.concatenate([np.arange(starts[g], starts[g] + 250) for g in sub.row_groups])
-    np.testing.assert_array_equal(got, x[global_rows[rows]])
+    want = np.concatenate(
+        [g * 250 + unit_rows(250, int(counts[g]), cfg.seed, g) for g in np.flatnonzero(counts)]
+    )
+    got = []
+    for i, p in sorted(picks.items()):
+        sh = shards[i]
+        sub, rows = sample_subshard(store.parquet_file(sh.file), sh, p, cfg.seed)
+        assert sub.row_groups == tuple(g for g, _, _ in p)  # only the picked groups are read
+        assert set(sub.row_groups) <= set(sh.row_groups)
+        got.append(sample_shard(cfg, store, sh, p))
+    np.testing.assert_array_equal(np.concatenate(got), x[want])
 
 
 def test_torch_kmeans_matches_faiss_quality_on_cpu():

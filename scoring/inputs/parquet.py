@@ -105,10 +105,17 @@ def plan_from_row_groups(files: list[tuple[str, list[int]]], shard_rows: int) ->
 
 def plan_shards(store: Store, shard_rows: int, files: list[dict[str, Any]] | None = None):
     """Plan shards for the input root: returns (files, shards, schemas by key)."""
+    return plan_groups(store, shard_rows, files)[:3]
+
+
+def plan_groups(store: Store, shard_rows: int, files: list[dict[str, Any]] | None = None):
+    """`plan_shards` plus the rows of every row group, one list per file in planning order:
+    returns (files, shards, schemas by key, [(key, [rows per row group])])."""
     files = files if files is not None else list_input(store)
     footers = read_footers(store, [f["key"] for f in files])
-    shards = plan_from_row_groups([(k, rg) for k, rg, _ in footers], shard_rows)
-    return files, shards, {k: s for k, _, s in footers}
+    groups = [(k, rg) for k, rg, _ in footers]
+    shards = plan_from_row_groups(groups, shard_rows)
+    return files, shards, {k: s for k, _, s in footers}, groups
 
 
 def read_shard(store: Store, shard: Shard, columns: list[str], pf=None):

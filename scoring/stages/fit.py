@@ -2,7 +2,9 @@
 
 The sample parts stay where the sample stage left them (Ray's object store); `load_part(i)`
 fetches part i, so the parts are checked and copied into one preallocated array one at a time:
-the task holds the sample once (plus one part), never the parts and their concatenation.
+the task holds the sample once (plus one part), never the parts and their concatenation. The
+parts arrive in shard order, so k-means sees the rows in canonical (file, row group, row)
+order whatever the shard plan (kernels.sampling).
 """
 
 from __future__ import annotations
@@ -37,13 +39,19 @@ def fit_prototypes(
     load_part: Callable[[int], np.ndarray],
     names: list[tuple[int, str]],
     use_gpu: bool = False,
+    plan_sha: str | None = None,
 ) -> FitResult:
     """Check, gather and fit the sample, save and commit the centroids.
 
-    `names`: (shard index, input URL) of each sample part: widths are checked across parts
-    (naming both files) and each part's digest is recorded in the commit marker for the resume
-    check of a changed input file.
+    `names`: (shard index, input URL) of each sample part, in shard order: the parts are
+    gathered in that order, which is the canonical (file, row group, row) order of the sample
+    for any shard plan. Widths are checked across parts (naming both files); each part's digest
+    and `plan_sha` (the sample plan's, kernels.sampling.plan_digest) are recorded in the commit
+    marker for the resume check of a changed input file.
     """
+    order = [i for i, _ in names]
+    if order != sorted(set(order)):
+        raise ValueError(f"sample parts out of shard order: {order[:8]}")
     digests: dict[str, str] = {}
     widths: dict[int, str] = {}
     shapes = []
@@ -72,6 +80,8 @@ def fit_prototypes(
         x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu
     )
     stats = dict(stats, sample_sha256=digests)
+    if plan_sha is not None:
+        stats["sample_plan_sha256"] = plan_sha
     sha = commit.save_centroids(run_store, centroids, stats)
     return FitResult(
         sha, int(stats["sample_rows"]), float(stats["inertia"]), int(stats["iterations"]),

@@ -1,8 +1,11 @@
 """Stage `sample`: a shard's rows of the prototype sample (see kernels.sampling for the rule).
 
-`read_sample` is the IO half (a worker runs it outside its compute lock), `embed_sample` the
-compute half; `sample_shard` both. With a `source` (a scoring.embed.ShardEmbedder) only the
-sample rows are embedded.
+The driver draws the sample plan over the input's row groups (`RunPlan.sample_picks`) and hands
+each shard its picks: (row group, unit, rows to draw). The worker reads only those row groups
+and draws the rows of each with the unit's own generator, so a row's membership in the sample
+never depends on which shard holds it. `read_sample` is the IO half (a worker runs it outside
+its compute lock), `embed_sample` the compute half; `sample_shard` both. With a `source` (a
+scoring.embed.ShardEmbedder) only the sample rows are embedded.
 """
 
 from __future__ import annotations
@@ -15,25 +18,26 @@ import numpy as np
 import pyarrow as pa
 
 from scoring.config import RunConfig
+from scoring.errors import BadInput
 from scoring.inputs.parquet import Shard, read_shard_columns
 from scoring.kernels.devices import normalize
-from scoring.kernels.sampling import sample_digest, sample_groups
+from scoring.kernels.sampling import Pick, sample_digest, unit_rows
 from scoring.stages.score import table_embeddings
 from scoring.storage import Store
 
 
 @dataclass(frozen=True)
 class SampleTask:
-    """One shard's share of the sample: `count` rows of `shard`."""
+    """One shard's part of the sample: the rows `picks` names in `shard`."""
 
     cfg: RunConfig
     in_store: Store
     shard: Shard
-    count: int
+    picks: tuple[Pick, ...]
 
 
 def sample_task(t: SampleTask) -> np.ndarray:
-    return sample_shard(t.cfg, t.in_store, t.shard, t.count)
+    return sample_shard(t.cfg, t.in_store, t.shard, t.picks)
 
 
 def digest_task(t: SampleTask) -> str:
@@ -41,16 +45,22 @@ def digest_task(t: SampleTask) -> str:
     return sample_digest(sample_task(t))
 
 
+def pick_rows(picks: tuple[Pick, ...]) -> int:
+    """Rows a shard gives to the sample."""
+    return sum(c for _, _, c in picks)
+
+
 def sample_shard(
-    cfg: RunConfig, in_store: Store, shard: Shard, count: int, source: Any = None
+    cfg: RunConfig, in_store: Store, shard: Shard, picks: tuple[Pick, ...], source: Any = None
 ) -> np.ndarray:
-    """This shard's rows of the prototype sample (float32, normalised for cosine)."""
-    return embed_sample(cfg, read_sample(cfg, in_store, shard, count, source), source)
+    """This shard's rows of the prototype sample (float32, normalised for cosine), in
+    (row group, row) order."""
+    return embed_sample(cfg, read_sample(cfg, in_store, shard, picks, source), source)
 
 
 @dataclass
 class SamplePart:
-    """What `read_sample` read for a shard's sample share: the part of the shard (a few of its
+    """What `read_sample` read for a shard's sample part: the part of the shard (its picked
     row groups), the sample's row positions in it, and its rows (id and content columns)."""
 
     part: Shard
@@ -60,14 +70,14 @@ class SamplePart:
 
 
 def read_sample(
-    cfg: RunConfig, in_store: Store, shard: Shard, count: int, source: Any = None
+    cfg: RunConfig, in_store: Store, shard: Shard, picks: tuple[Pick, ...], source: Any = None
 ) -> SamplePart | None:
     """The IO half of `sample_shard` (a worker runs it outside its compute lock)."""
-    if count == 0:
+    if not pick_rows(picks):
         return None
     where = f"{in_store.uri(shard.file)} (shard {shard.index})"
     pf = in_store.parquet_file(shard.file)
-    sub, rows = sample_subshard(pf, shard, count, cfg.seed)
+    sub, rows = sample_subshard(pf, shard, picks, cfg.seed, where)
     if source is not None:
         table = source.read(sub, pf=pf)
     else:
@@ -87,16 +97,25 @@ def embed_sample(cfg: RunConfig, sample: SamplePart | None, source: Any = None) 
     return normalize(x) if cfg.metric == "cosine" else x
 
 
-def sample_subshard(pf, shard: Shard, count: int, seed: int) -> tuple[Shard, np.ndarray]:
-    """The part of a shard its sample share is read from (a few of its row groups, see
-    prototypes.sample_groups) and the row positions to take from that part. The part's
-    row_groups need not be contiguous. `pf`: the shard file's opened ParquetFile."""
+def sample_subshard(
+    pf, shard: Shard, picks: tuple[Pick, ...], seed: int, where: str = ""
+) -> tuple[Shard, np.ndarray]:
+    """The part of a shard its sample rows are read from (its picked row groups, ascending; not
+    necessarily contiguous) and the row positions to take from that part. `pf`: the shard
+    file's opened ParquetFile."""
     md = pf.metadata
-    group_rows = [md.row_group(g).num_rows for g in shard.row_groups]
-    picked, rows = sample_groups(group_rows, count, seed, shard.index)
-    sub = dataclasses.replace(
-        shard,
-        row_groups=tuple(shard.row_groups[i] for i in picked),
-        rows=int(sum(group_rows[i] for i in picked)),
-    )
-    return sub, rows
+    groups, rows, o = [], [], 0
+    for g, unit, count in sorted(picks):
+        if g not in shard.row_groups:
+            raise ValueError(f"{where}: sample row group {g} is not in shard {shard.index}")
+        n = md.row_group(g).num_rows
+        if count > n:  # the footer changed since the plan was made
+            raise BadInput(
+                f"{where or shard.file}: row group {g} holds {n} rows, the plan counted "
+                f"at least {count}; the file changed during the run"
+            )
+        groups.append(g)
+        rows.append(o + unit_rows(n, count, seed, unit))
+        o += n
+    sub = dataclasses.replace(shard, row_groups=tuple(groups), rows=o)
+    return sub, np.concatenate(rows) if rows else np.zeros(0, np.int64)
