@@ -307,9 +307,10 @@ class Run:
         log.info("score: %d shards reused from %s", len(tasks), old.uri())
         return [s for s in todo if s.index not in plan]
 
-    def commit(self, doc: dict[str, Any]) -> None:
+    def commit(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Commit the manifest; the committed one (another driver's when it won)."""
         doc["timings_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
-        commit.commit_manifest(self.store, doc)
+        return commit.commit_run(self.store, doc) or doc
 
 
 def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
@@ -335,11 +336,12 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
         r.score(centroids, sha)
     finally:
         r.close_pool()
+    commit.fault_wait_for_manifest(r.store)
     t0 = time.perf_counter()
     doc = reduce(r, centroids, sha)
     r.timings["reduce"] = time.perf_counter() - t0
     doc.update(reuse.update_record(cfg, r.store, sha))
-    r.commit(doc)
+    doc = r.commit(doc)
     write_report_logged(r.store)
     return doc
 

@@ -46,8 +46,9 @@ def reduce(
     idx = [s.index for s in run.shards]
     par = 2 * sch.cluster_cpus()
     quiet = run.quiet
-    # keep/ is not committed before the manifest: parts of an interrupted reduce go.
-    out.delete(layout.KEEP)
+    # keep/ is never emptied here: another driver's committed manifest may list its parts
+    # (docs/architecture.md, "Concurrent drivers"); parts no committed manifest lists go
+    # after the commit (commit.commit_run)
     clock = _Clock()
     if reuse is None:  # a selection's run has passed this check
         check_duplicate_ids(run, idx, par)

@@ -156,7 +156,7 @@ def select(
         "from_annotated": reuse is not None,
     }
     doc["timings_seconds"] = {"select": round(time.perf_counter() - t0, 3)}
-    commit.commit_manifest(sel, doc)
+    doc = commit.commit_run(sel, doc, prefix) or doc
     write_report_logged(store, name)
     return doc
 

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -204,3 +205,35 @@ def commit_manifest(store: Store, doc: dict[str, Any], key: str = layout.MANIFES
         log.warning("%s was committed by another driver first", store.uri(key))
         return False
     return True
+
+
+def fault_wait_for_manifest(store: Store) -> None:
+    """Fault-injection knob for tests (PROTOPRUNE_FAULT_REDUCE_WAIT_S): before the reduce,
+    wait up to that many seconds for another driver's manifest, so that this driver's reduce
+    runs after that commit (tests/test_concurrent.py)."""
+    wait = float(os.environ.get("PROTOPRUNE_FAULT_REDUCE_WAIT_S", "0") or 0)
+    end = time.monotonic() + wait
+    while wait > 0 and time.monotonic() < end and not store.exists(layout.MANIFEST):
+        time.sleep(0.1)
+
+
+def commit_run(folder: Store, doc: dict[str, Any], prefix: str = "") -> dict[str, Any] | None:
+    """Commit a run's (or a selection's) manifest, then delete the parts of `folder`'s keep/
+    that the committed manifest does not list (an interrupted reduce's, or a concurrent
+    driver's that lost the commit). Returns the committed manifest: `doc`, or the one another
+    driver committed first (None when that one is gone again, e.g. a concurrent --force-new).
+
+    Safe under concurrent drivers: a committed manifest is create-only and never changes, keep
+    parts are named by their content (layout.keep_key), so a part it lists is never replaced
+    by other bytes, and only parts it does not list are deleted. `prefix`: the folder's path
+    inside the run folder (a selection), which the manifest's paths start with."""
+    won = commit_manifest(folder, doc)
+    done = doc if won else read_manifest(folder)
+    if done is None:
+        return None
+    head = f"{prefix}/" if prefix else ""
+    listed = {f["path"].removeprefix(head) for f in done.get("files", [])}
+    for key in folder.list(layout.KEEP):
+        if key not in listed:
+            folder.delete(key)
+    return done

@@ -12,7 +12,8 @@ A key is a pure function of (stage, unit); a retry writes the same key with the 
       _commits/<stage>/shard-NNNNNN.json per-shard commit markers
       _failures/<stage>/<name>.json      why a unit failed (for status)
       annotated/part-NNNNNN.parquet      scores + ANNOTATION_COLUMNS, by cluster range
-      keep/part-NNNNNN.parquet           the keep list
+      keep/part-NNNNNN-<sha16>.parquet   the keep list (named by part and content: a
+                                         concurrent driver never overwrites a committed part)
       _tmp/...                           spill space of one task, deleted by it
       report/index.html                  the report
       selections/<NAME>/                 a later selection (`protoprune select`): selection.json,
@@ -117,8 +118,12 @@ def annotated_key(part: int) -> str:
     return f"{ANNOTATED}/{part_name(part)}.parquet"
 
 
-def keep_key(part: int) -> str:
-    return f"{KEEP}/{part_name(part)}.parquet"
+def keep_key(part: int, sha256: str) -> str:
+    """A keep part, named by its content (the first 16 hex digits of its sha256): a second
+    driver on the same run writes the same bytes under the same name, or other bytes under
+    another name, and never replaces a file a committed manifest lists (docs/architecture.md,
+    "Concurrent drivers")."""
+    return f"{KEEP}/{part_name(part)}-{sha256[:16]}.parquet"
 
 
 def marker_dir(stage: str) -> str:
@@ -177,10 +182,10 @@ def marker_shard(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-_PART_RE = re.compile(r"part-(\d+)\.\w+$")
+_PART_RE = re.compile(r"part-(\d+)(?:-[0-9a-f]+)?\.\w+$")
 
 
 def key_part(key: str) -> int | None:
-    """The part number of a part-NNNNNN key, or None."""
+    """The part number of a part-NNNNNN (or a keep part's part-NNNNNN-<sha16>) key, or None."""
     m = _PART_RE.search(key)
     return int(m.group(1)) if m else None

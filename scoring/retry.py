@@ -90,9 +90,11 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def retry_io(
-    fn: Callable[[], T], what: str, attempts: int = 6, base: float = 0.2, cap: float = 10.0
+    fn: Callable[[], T], what: str, attempts: int = 6, base: float = 0.05, cap: float = 10.0
 ) -> T:
-    """Call fn, retrying transient IO errors with exponential backoff and full jitter."""
+    """Call fn, retrying transient IO errors with exponential backoff and full jitter:
+    delay uniform(0, min(cap, base * 2**attempt)), short first delays as S3's guidance for
+    503 SlowDown asks (a throttled request usually succeeds on its next try)."""
     for attempt in range(attempts):
         try:
             return fn()

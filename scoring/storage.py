@@ -39,6 +39,7 @@ from scoring.store_rules import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+S3FS_TRIES = 2  # s3fs's tries of one request before retry_io's
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -69,16 +70,24 @@ def make_filesystem(scheme: str, storage_options: Mapping[str, Any] | None = Non
             and "endpoint_url" not in opts.get("client_kwargs", {})
         ):
             opts["endpoint_url"] = endpoint
-        # Our own retry loop handles transient errors with jitter; keep botocore's short.
+        # Throttling (503 SlowDown): botocore's standard retries wait rand(0, 1) s, then
+        # rand(0, 2) s, before s3fs's own retry of SlowDown (per request: 0.1, 0.17, 0.29 ..
+        # s) and ours (retry_io: full jitter from 50 ms) — ~3x a clean run's time at 20%
+        # throttled requests. Without botocore's, it is within 2x (benchmarks/README.md,
+        # bench_throttle.py).
         ck = opts.setdefault("config_kwargs", {})
-        ck.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+        ck.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
         ck.setdefault("connect_timeout", min(CONNECT_TIMEOUT_S, request_timeout()))
         ck.setdefault("read_timeout", request_timeout())
         opts.setdefault("skip_instance_cache", True)
         # the client is shared by every task of a process (shared_filesystem): never answer
         # info() from a listing another task made before a file changed
         opts.setdefault("use_listings_cache", False)
-        return fsspec.filesystem("s3", **opts)
+        fs = fsspec.filesystem("s3", **opts)
+        # s3fs's own SlowDown retry waits 0.1, 0.17, 0.29 .. s without jitter; ours (retry_io,
+        # per Store call) starts at uniform(0, 50 ms)
+        fs.retries = S3FS_TRIES
+        return fs
     if scheme in ("gs", "gcs"):
         try:
             import gcsfs  # noqa: F401

@@ -19,6 +19,10 @@ CASES = {
         ["--rows", "20000", "--dim", "16", "--k", "20", "--sample", "2000", "--files", "2"],
         ["[local] protoprune (auto)", "[s3] protoprune (auto)", "| s3 | auto |"],
     ),
+    "bench_throttle.py": (
+        ["--quick", "--rows", "3000", "--k", "8"],
+        ["throttled / clean:", "keep lists identical: True"],
+    ),
     "bench_update.py": (
         ["--rows", "40000", "--files", "4", "--shard-rows", "5000", "--k", "20"],
         [

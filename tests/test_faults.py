@@ -194,20 +194,24 @@ def test_slowdown_503_through_proxy(env, caplog):
 
 
 def test_store_retries_transient_errors_itself(env):
-    """s3fs and botocore retry a PUT 10 times here; 10 faults reach our retry_io, which sees
-    the real s3fs exception, classifies it transient and retries."""
+    """s3fs (S3FS_TRIES) and botocore (2 tries with max_attempts 1) try a PUT 4 times here;
+    then the fault reaches our retry_io, which sees the real s3fs exception, classifies it
+    transient and retries."""
+    from scoring.storage import S3FS_TRIES
+
+    tries = S3FS_TRIES * 2
     server, bucket, _ = env
-    proxy = FaultProxy(server.endpoint, share=1.0, max_faults=10, lifetime=60)
+    proxy = FaultProxy(server.endpoint, share=1.0, max_faults=tries, lifetime=60)
     try:
         opts = {"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}
         st = Store(f"s3://{bucket}/direct", opts)
         with pytest.raises(OSError) as e:  # what s3fs makes of 503 SlowDown
             st.fs.pipe_file(f"{bucket}/direct/probe", b"x")
         print("503 SlowDown arrives as", type(e.value).__name__, e.value.errno, e.value)
-        assert is_transient(e.value) and proxy.faults == 10
-        proxy.max_faults = 20  # ten more: s3fs gives up once more, our retry_io does not
+        assert is_transient(e.value) and proxy.faults == tries
+        proxy.max_faults = 2 * tries  # as many more: s3fs gives up once more, retry_io does not
         st.put_bytes("a", b"payload")
-        assert proxy.faults == 20 and st.get_bytes("a") == b"payload"
+        assert proxy.faults == 2 * tries and st.get_bytes("a") == b"payload"
     finally:
         proxy.stop()
 

@@ -1,11 +1,13 @@
 """Stage `keep` of the reduce, per annotated part: the rule's picks, written to
-keep/part-NNNNNN.parquet. Per-cluster rules keep the q_j first survivors of each cluster in
+keep/part-NNNNNN-<sha16>.parquet. Per-cluster rules keep the q_j first survivors of each cluster in
 their order (hardest, easiest or stratified random);
 global rules keep the survivors with (key, id) <= the threshold, which the radix select finds
 from the parts' key histograms and candidates (also here)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from scoring import layout
 from scoring.kernels.quotas import select_per_cluster
@@ -96,9 +99,13 @@ def write_keep(run_store: Store, part: int, kept: pa.Table, k: int) -> KeepResul
     """Write one keep part (none when empty)."""
     entry = None
     if kept.num_rows:
-        key = layout.keep_key(part)
-        nbytes, sha = run_store.write_parquet(key, kept)
-        entry = {"path": key, "rows": kept.num_rows, "bytes": nbytes, "sha256": sha}
+        buf = io.BytesIO()
+        pq.write_table(kept, buf)
+        data = buf.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        key = layout.keep_key(part, sha)
+        run_store.put_bytes(key, data)
+        entry = {"path": key, "rows": kept.num_rows, "bytes": len(data), "sha256": sha}
     return KeepResult(entry, cluster_counts(kept, k), label_counts(kept))
 
 
