@@ -350,12 +350,20 @@ def plan_and_start_ray(r: Run, address: str | None) -> None:
     """Plan the input (listing, footers, run.json: IO) on a thread while Ray starts on this
     one (ray.init wants the main thread): the two waits overlap (~4 s of Ray start-up and the
     footer reads of every input file)."""
+    import ray
+
+    started = not ray.is_initialized()
     with ThreadPoolExecutor(1, thread_name_prefix="plan") as ex:
         planned = ex.submit(r.plan)
         try:
             sch.ensure_ray(address)
         finally:
-            planned.result()  # a bad input's error wins over anything Ray said
+            try:
+                planned.result()  # a bad input's error wins over anything Ray said
+            except BaseException:
+                if started and ray.is_initialized():
+                    ray.shutdown()  # the Ray this run started: nothing left behind
+                raise
 
 
 def write_report_logged(store: Store, selection: str | None = None) -> str | None:
