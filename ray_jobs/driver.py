@@ -319,15 +319,12 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
 
     configure_progress(log_format=cfg.log_format)
     r = Run(cfg, quiet=quiet)
-    if not cfg.force_new and r.store.exists(layout.MANIFEST):
+    done = None if cfg.force_new else commit.read_manifest(r.store)
+    if done is not None:
         r.plan()  # committed: check the settings against run.json, start nothing
         log.info("run %s is already committed", r.store.uri())
-        return commit.read_manifest(r.store)
-    plan_and_start_ray(r, cfg.address)
-    done = commit.read_manifest(r.store)  # another driver may have committed meanwhile
-    if done is not None:
-        log.info("run %s is already committed", r.store.uri())
         return done
+    plan_and_start_ray(r, cfg.address)
     # workers the cluster can never place fail the run now, not after the sample and the fit
     sch.worker_resources(cfg, len(r.shards))
     try:

@@ -42,6 +42,15 @@ T = TypeVar("T")
 S3FS_TRIES = 2  # s3fs's tries of one request before retry_io's
 
 
+def parquet_bytes(table, **kwargs: Any) -> bytes:
+    """A pyarrow Table as the bytes of one Parquet file (`Store.write_parquet`'s encoding)."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kwargs)
+    return buf.getvalue()
+
+
 def split_url(url: str) -> tuple[str, str]:
     """('s3', 'bucket/prefix') for URLs, ('file', '/abs/path') for local paths."""
     if "://" in url:
@@ -415,11 +424,7 @@ class Store:
     # -- parquet helpers --------------------------------------------------------------------
     def write_parquet(self, key: str, table, **kwargs: Any) -> tuple[int, str]:
         """Write a pyarrow Table atomically; return (bytes, sha256 hex)."""
-        import pyarrow.parquet as pq
-
-        buf = io.BytesIO()
-        pq.write_table(table, buf, **kwargs)
-        data = buf.getvalue()
+        data = parquet_bytes(table, **kwargs)
         self.put_bytes(key, data)
         return len(data), hashlib.sha256(data).hexdigest()
 

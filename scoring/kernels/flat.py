@@ -16,10 +16,15 @@ def gamma32(d: int) -> float:
     return d * 2.0**-24 / (1 - d * 2.0**-24)
 
 
-def cosine_slack(centroids: np.ndarray) -> float:
+def centroid_norms(centroids: np.ndarray) -> np.ndarray:
+    """‖c‖ of each prototype, in float64."""
+    return np.sqrt(np.einsum("ij,ij->i", centroids.astype(np.float64), centroids))
+
+
+def cosine_slack(centroids: np.ndarray, cn: np.ndarray | None = None) -> float:
     """Per-unit-‖x‖ error of ranking by x·c instead of by cosine: fp32 accumulation plus how
-    far the float32 prototypes' norms are from 1, plus two float32 steps of a distance."""
-    cn = np.sqrt(np.einsum("ij,ij->i", centroids.astype(np.float64), centroids))
+    far the float32 prototypes' norms `cn` are from 1, plus two float32 steps of a distance."""
+    cn = centroid_norms(centroids) if cn is None else cn
     cmax = float(cn.max()) if len(cn) else 0.0
     dev = float(np.abs(cn - 1.0).max()) if len(cn) else 0.0
     return 2 * (gamma32(centroids.shape[1] + 2) * cmax + dev) * 1.01 + 2.0**-22
@@ -42,8 +47,8 @@ class FaissSearch:
             self._res = res
         index.add(centroids)
         self.index = index
-        self.slack = cosine_slack(centroids)
-        cn = np.sqrt(np.einsum("ij,ij->i", centroids.astype(np.float64), centroids))
+        cn = centroid_norms(centroids)
+        self.slack = cosine_slack(centroids, cn)
         self.cmax = float(cn.max()) if self.k else 0.0
 
     def candidates(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,6 @@ from the parts' key histograms and candidates (also here)."""
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +14,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from scoring import layout
 from scoring.kernels.quotas import select_per_cluster
 from scoring.kernels.radix import NBINS, Threshold, gather_candidates, keep_mask, key_histogram
-from scoring.storage import Store
+from scoring.storage import Store, parquet_bytes
 from scoring.strategies import GlobalRule
 
 
@@ -99,9 +97,7 @@ def write_keep(run_store: Store, part: int, kept: pa.Table, k: int) -> KeepResul
     """Write one keep part (none when empty)."""
     entry = None
     if kept.num_rows:
-        buf = io.BytesIO()
-        pq.write_table(kept, buf)
-        data = buf.getvalue()
+        data = parquet_bytes(kept)  # named by its content: encode, hash, then put
         sha = hashlib.sha256(data).hexdigest()
         key = layout.keep_key(part, sha)
         run_store.put_bytes(key, data)
