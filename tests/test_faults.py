@@ -197,7 +197,7 @@ def test_store_retries_transient_errors_itself(env):
     """s3fs (S3FS_TRIES) and botocore (2 tries with max_attempts 1) try a PUT 4 times here;
     then the fault reaches our retry_io, which sees the real s3fs exception, classifies it
     transient and retries."""
-    from scoring.storage import S3FS_TRIES
+    from scoring.filesystems import S3FS_TRIES
 
     tries = S3FS_TRIES * 2
     server, bucket, _ = env
