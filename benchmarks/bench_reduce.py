@@ -161,7 +161,7 @@ def main() -> None:
             )
             r = Run(cfg, quiet=True)
             shards = [Shard(i, "x", (0,), per, i * per) for i in range(args.shards)]
-            r.plan_ = RunPlan(shards, [], n, None)
+            r.plan_ = RunPlan(shards, [], n, None, [])  # no sample: no row groups needed
             r.store.delete("keep")
             t0 = time.perf_counter()
             with TreeMemory() as mem:

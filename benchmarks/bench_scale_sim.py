@@ -100,7 +100,7 @@ def main() -> None:
         {"path": k, "size": 123_456_789, "version": "0123456789abcdef0123456789abcdef"}
         for k, _ in footers
     ]
-    run.plan_ = RunPlan(shards, fingerprint, sum(s.rows for s in shards), None)
+    run.plan_ = RunPlan(shards, fingerprint, sum(s.rows for s in shards), None, [])
     t0 = time.perf_counter()
     run.open_run_folder()
     t_runjson = time.perf_counter() - t0
