@@ -137,7 +137,7 @@ def search_check(data: Spectrum, centroids: np.ndarray, n: int, peak: float) -> 
         s = NearestPrototype(centroids, "cosine", backend="torch")
     s.search(x[: min(n, 65536)])  # warm-up
     if s._torch is not None:
-        s._torch.stats = {"rows": 0, "rechecked": 0, "certified": 0}
+        s._torch.stats = dict.fromkeys(s._torch.stats, 0)
     s.canonical.stats = dict.fromkeys(s.canonical.stats, 0)
     sync()
     t0 = time.perf_counter()
@@ -157,6 +157,7 @@ def search_check(data: Spectrum, centroids: np.ndarray, n: int, peak: float) -> 
     chunk = s._torch.chunk_rows if s._torch is not None else "faiss default"
     rows = max(st["canonical_rows"], 1)
     re = f"re-checked in fp32: {st['rechecked'] / rows:.2%} of rows; " if "rechecked" in st else ""
+    re += f"closed among the candidates: {st['canonical_closed'] / rows:.2%}; "
     re += f"searched again in float64: {st['canonical_full'] / rows:.2%}; "
     row(
         f"search N={n:,} d={d} k={k:,}, host rows, NearestPrototype(use_gpu={DEV == 'cuda'}) "

@@ -120,6 +120,18 @@ def test_cluster_is_the_exact_argmin_with_ties_to_the_lower_index(metric):
         got = NearestPrototype(c, metric, backend=backend, precision=precision).search(x)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g.view(np.int32), w.view(np.int32), err_msg=backend)
+    # the canonical step alone, at each level of a backend's certainty: "closed" (the true
+    # two somewhere among shuffled candidates: here all k), and the float64 full search in
+    # numpy and as torch's GEMM (the path a CUDA search takes, here on the CPU)
+    cand = np.array([rng.permutation(k) for _ in x], np.int32)
+    for label, can, level in [
+        ("closed", Canonical(c, metric), np.ones(len(x), np.int8)),
+        ("full numpy", Canonical(c, metric), np.zeros(len(x), bool)),
+        ("full torch", Canonical(c, metric, device="cpu"), np.zeros(len(x), np.int8)),
+    ]:
+        got = can.nearest(x, cand, level)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.view(np.int32), w.view(np.int32), err_msg=label)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])

@@ -21,8 +21,10 @@ Two candidate backends:
   through a page-locked buffer, and its results come back in one copy.
 
 Either way a row whose first two candidates are not certified (a gap to the third, or to any
-non-candidate, within the backend's rounding error plus a float32 step) is searched again over
-every prototype in float64 by `Canonical.nearest`.
+non-candidate, within the backend's rounding error plus a float32 step) goes to
+`Canonical.nearest`: when the torch backend proves the true two are among its m candidates
+(level 1, "closed") the canonical distance of all m decides; otherwise the row is searched
+again over every prototype in float64 (on the GPU when the search has one).
 
 ``backend="auto"`` (or the environment variable PROTOPRUNE_SEARCH_BACKEND=faiss|torch|auto,
 read by every worker) picks torch bf16 on CUDA and on a CPU with native bf16 dot products, and
@@ -111,8 +113,9 @@ class NearestPrototype:
             self._faiss = FaissSearch(self.centroids, metric, use_gpu and has_faiss_gpu())
         if self.backend == "torch":
             self._torch = TorchTopKSearch(self.centroids, metric, device, precision, chunk_rows)
-        self.canonical = Canonical(self.centroids, metric)
         self.device = device if self.backend == "torch" else ("cuda" if use_gpu else "cpu")
+        # the float64 full search of the open rows on the search's GPU, if it has one
+        self.canonical = Canonical(self.centroids, metric, device if device == "cuda" else None)
 
     def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(cluster int32, distance float32, second-nearest distance float32) per row.
@@ -188,7 +191,7 @@ class TorchTopKSearch:
         self.g32 = 2 * self.d * 2.0**-24 / (1 - self.d * 2.0**-24)
         self.fixed_chunk = chunk_rows  # None: sized from the free memory at each search
         self.chunk_rows = chunk_rows or self._chunk_rows()
-        self.stats = {"rows": 0, "rechecked": 0, "certified": 0}
+        self.stats = {"rows": 0, "rechecked": 0, "certified": 0, "closed": 0}
         slack = cosine_slack(centroids) + (self.d + 4) * 2.0**-24  # x normalised in fp32
         self.cos_tol = slack
         self._pinned: tuple[Any, Any] | None = None  # host buffers (CUDA): rows in, results out
@@ -209,15 +212,14 @@ class TorchTopKSearch:
         return self._pinned
 
     def candidates(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Host rows (any norm) -> (candidates int32 [n, m] by exact fp32 score, certified
-        bool [n]),
-        chunk by chunk: on CUDA each chunk goes up through a page-locked buffer and its results
+        """Host rows (any norm) -> (candidates int32 [n, m] by exact fp32 score, level int8
+        [n]: 2 certified, 1 closed, 0 open), chunk by chunk: on CUDA each chunk goes up through a page-locked buffer and its results
         come back in one packed copy."""
         torch = self.torch
         n = len(x)
         m = self.m
         cand = np.empty((n, m), np.int32)
-        ok = np.empty(n, bool)
+        ok = np.empty(n, np.int8)
         with warnings.catch_warnings():  # x may be a read-only Arrow/Ray buffer: only read here
             warnings.simplefilter("ignore", UserWarning)
             xt = torch.from_numpy(x)
@@ -237,7 +239,7 @@ class TorchTopKSearch:
                 if self.metric == "cosine":  # unit rows, one chunk at a time
                     x32 = torch.nn.functional.normalize(x32, dim=1)
                 ci, sure = self._chunk(x32)
-                packed = torch.cat([ci.to(torch.int32), sure.to(torch.int32)[:, None]], 1)
+                packed = torch.cat([ci.to(torch.int32), sure[:, None]], 1)
                 if cuda:  # one copy back, then one wait
                     pin_out[: b - a].copy_(packed, non_blocking=True)
                     torch.cuda.current_stream(self.device).synchronize()
@@ -245,8 +247,9 @@ class TorchTopKSearch:
                 else:
                     got = packed.numpy()
                 cand[a:b] = got[:, :m]
-                ok[a:b] = got[:, m] != 0
-        self.stats["certified"] += int(ok.sum())
+                ok[a:b] = got[:, m]
+        self.stats["certified"] += int((ok == 2).sum())
+        self.stats["closed"] += int((ok == 1).sum())
         return cand, ok
 
     def _low_scores(self, x32):
@@ -272,7 +275,8 @@ class TorchTopKSearch:
         return ex
 
     def _chunk(self, x32):
-        """(candidates [n, m] by exact score, certified [n]) of one chunk on the device."""
+        """(candidates [n, m] by exact score, level [n]: 2 certified, 1 closed, 0 open; see
+        `kernels.canonical`) of one chunk on the device."""
         torch = self.torch
         n = x32.shape[0]
         m = self.m
@@ -297,17 +301,18 @@ class TorchTopKSearch:
             bound = lv[:, m - 1] + self.eps * xc + e32  # the best any non-candidate can score
             first = ex[:, 0] > bound
             bad = torch.nonzero(~first).flatten()  # the chunk's one wait for the device
-            sure = ex[:, 1] - tol > bound  # m >= 3 here
+            closed = ex[:, 1] - tol > bound  # m >= 3 here: the true two are candidates
             if bad.numel():
                 ex_b, cand_b = self._full(x32[bad])
                 ex[bad] = ex_b
                 cand[bad] = cand_b
                 # fp32 top-m: a non-candidate scores at most the m-th plus twice an fp32 error
-                sure[bad] = ex_b[:, 1] - tol[bad] - 2 * e32[bad] > ex_b[:, m - 1]
+                closed[bad] = ex_b[:, 1] - tol[bad] - 2 * e32[bad] > ex_b[:, m - 1]
             self.stats["rechecked"] += int(bad.numel())
-            sure &= ex[:, 1] - ex[:, 2] > tol
+            # 2: the first two certified; 1: closed (the canonical step orders all m); 0: open
+            sure = closed.to(torch.int32) + (closed & (ex[:, 1] - ex[:, 2] > tol)).to(torch.int32)
         else:
-            sure = torch.ones(n, dtype=torch.bool, device=x32.device)
+            sure = torch.full((n,), 2, dtype=torch.int32, device=x32.device)
         self.stats["rows"] += n
         return cand, sure
 

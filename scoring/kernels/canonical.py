@@ -18,11 +18,19 @@ float32 is the exact answer. The few rows whose interval holds a rounding bounda
 again by a second formula (cosine: ½‖x/‖x‖ - c/‖c‖‖², whose error shrinks with D, for rows near
 their prototype), and the rest in exact decimal arithmetic (`_exact`).
 
-A search backend hands over, per row, its best candidates and whether the first two are
-*certified*: the true two nearest, with a gap to every other prototype wider than its own
-error plus a float32 step (so no float32 tie can reorder them). `nearest` orders the two by
-D; an uncertified row is searched again over every prototype in float64, and the exact
-decision is made among all prototypes within the float64 error window of its second.
+A search backend hands over, per row, its best candidates and a level of certainty:
+
+* 2, *certified*: the first two are the true two nearest, with a gap to every other prototype
+  wider than its own error plus a float32 step (so no float32 tie can reorder them);
+  `nearest` orders the two by D;
+* 1, *closed*: the true two nearest are among the candidates (the second candidate beats every
+  prototype outside the list by that gap), but the candidates may tie among themselves;
+  `nearest` evaluates D for every candidate and takes the two smallest (D, index);
+* 0: the row is searched again over every prototype in float64 (on the search's CUDA device
+  when it has one: a float64 GEMM there, against minutes of CPU time at k = 50,000), and the
+  exact decision is made among all prototypes within the float64 error window of its second.
+
+A boolean array reads as levels 2 (True) and 0 (False).
 """
 
 from __future__ import annotations
@@ -33,13 +41,17 @@ import numpy as np
 
 U = 2.0**-53  # float64 unit roundoff
 CHUNK = 256  # rows per float64 pass (float64 temporaries stay in the L2 cache)
+DEVICE_CELLS = 1 << 27  # rows x prototypes per float64 pass on a CUDA device (1 GiB a matrix)
 _PREC = 360  # decimal digits of the exact path: every float32 product and sum exactly
 
 
 class Canonical:
     """The definition above for one set of prototypes (float32 [k, d])."""
 
-    def __init__(self, centroids: np.ndarray, metric: str):
+    def __init__(self, centroids: np.ndarray, metric: str, device: str | None = None):
+        """`device`: a torch device (the search's CUDA device) for the float64 full search of
+        level-0 rows; None: numpy on the CPU. Every D is still evaluated and rounded on the
+        CPU, by one code path."""
         if metric not in ("cosine", "l2"):
             raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
         self.metric = metric
@@ -50,7 +62,9 @@ class Canonical:
         with np.errstate(invalid="ignore", divide="ignore"):
             self.chat = np.where(self.cn[:, None] > 0, self.c64 / self.cn[:, None], 0.0)
         self.cmax = float(self.cn.max()) if self.k else 0.0
-        self.stats = {"rows": 0, "full": 0, "second_formula": 0, "exact": 0}
+        self.stats = {"rows": 0, "closed": 0, "full": 0, "second_formula": 0, "exact": 0}
+        self.device = device
+        self._dev: tuple | None = None  # (c64, cn) on the device, made at the first use
 
     # -- distances --------------------------------------------------------------------------
 
@@ -111,12 +125,12 @@ class Canonical:
     # -- the nearest two --------------------------------------------------------------------
 
     def nearest(
-        self, x: np.ndarray, cand: np.ndarray, ok: np.ndarray
+        self, x: np.ndarray, cand: np.ndarray, level: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(cluster int32, distance float32, second-nearest distance float32) per row.
 
-        `cand` [n, >= min(2, k)]: a backend's best candidates of each row; `ok` [n]: its first
-        two are certified (see the module docstring). Other rows are searched again here.
+        `cand` [n, >= min(2, k)]: a backend's best candidates of each row, first two first;
+        `level` [n]: 2 certified, 1 closed, 0 neither (see the module docstring; bool: 2/0).
         """
         x = np.asarray(x)
         n = len(x)
@@ -129,20 +143,24 @@ class Canonical:
         if self.k == 1:
             dist[:] = self.distances(x, np.arange(n), np.zeros(n, np.int64))
             return cluster, dist, second
-        good = np.nonzero(ok)[0]
-        if len(good):
-            c0 = cand[good, 0].astype(np.int64)
-            c1 = cand[good, 1].astype(np.int64)
-            dd = self.distances(x, good, np.stack([c0, c1], 1))
-            d0, d1 = dd[:, 0], dd[:, 1]
-            swap = (d1 < d0) | ((d1 == d0) & (c1 < c0))
-            cluster[good] = np.where(swap, c1, c0)
-            dist[good] = np.where(swap, d1, d0)
-            second[good] = np.where(swap, d0, d1)
-        bad = np.nonzero(~np.asarray(ok, bool))[0]
+        level = np.asarray(level)
+        if level.dtype == bool:
+            level = np.where(level, 2, 0)
+        for rows, width in ((np.nonzero(level >= 2)[0], 2), (np.nonzero(level == 1)[0], None)):
+            if not len(rows):
+                continue
+            js = cand[rows, :width].astype(np.int64)
+            dd = self.distances(x, rows, js)
+            order = np.lexsort((js, dd))  # per row: by distance, then prototype index
+            j2 = np.take_along_axis(js, order[:, :2], 1)
+            d2 = np.take_along_axis(dd, order[:, :2], 1)
+            cluster[rows], dist[rows], second[rows] = j2[:, 0], d2[:, 0], d2[:, 1]
+        self.stats["closed"] += int((level == 1).sum())
+        bad = np.nonzero(level <= 0)[0]
         self.stats["full"] += len(bad)
-        for a in range(0, len(bad), CHUNK):
-            rows = bad[a : a + CHUNK]
+        step = CHUNK if self.device is None else max(CHUNK, DEVICE_CELLS // self.k)
+        for a in range(0, len(bad), step):
+            rows = bad[a : a + step]
             cl, d0, d1 = self._full(x, rows)
             cluster[rows], dist[rows], second[rows] = cl, d0, d1
         return cluster, dist, second
@@ -151,28 +169,65 @@ class Canonical:
         """Every prototype in float64 for some rows, then the exact choice inside the window
         of float64 error (and a float32 step) around each row's second-nearest value."""
         xb = np.asarray(x[rows], np.float64)
-        s = xb @ self.c64.T
-        xx = np.einsum("ij,ij->i", xb, xb)
-        if self.metric == "cosine":
-            nx = np.sqrt(xx)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                approx = 1.0 - s / (nx[:, None] * self.cn[None, :])
-            approx = np.where(np.isfinite(approx), approx, 1.0)
-            err = np.full(len(rows), (4 * self.d + 16) * U)
+        if self.device is not None:
+            rr, jj = self._window_device(xb)
         else:
-            q = np.maximum(xx[:, None] - 2 * s + (self.cn**2)[None, :], 0.0)
-            approx = np.sqrt(q)
-            nx = np.sqrt(xx)
-            err = np.sqrt(2 * (self.d + 4) * U * (nx + self.cmax) ** 2)
-        a2 = np.partition(approx, 1, axis=1)[:, 1]
-        step = np.spacing(np.abs(a2).astype(np.float32)).astype(np.float64)
-        window = a2 + 2 * err + 4 * step + 1e-300
-        rr, jj = np.nonzero(approx <= window[:, None])
+            rr, jj = self._window(xb)
         dd = self.distances(xb, rr, jj)  # xb rows are float64 copies of float32: exact
         order = np.lexsort((jj, dd, rr))  # by row, then distance, then prototype index
         rr, jj, dd = rr[order], jj[order], dd[order]
         first = np.searchsorted(rr, np.arange(len(rows)))
         return jj[first].astype(np.int32), dd[first], dd[first + 1]
+
+    def _window(self, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, prototype) pairs whose float64 D lies within the error window of the row's
+        second-smallest float64 D (numpy, on the CPU)."""
+        s = xb @ self.c64.T
+        xx = np.einsum("ij,ij->i", xb, xb)
+        nx = np.sqrt(xx)
+        if self.metric == "cosine":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                approx = 1.0 - s / (nx[:, None] * self.cn[None, :])
+            approx = np.where(np.isfinite(approx), approx, 1.0)
+            err = np.full(len(xb), (4 * self.d + 16) * U)
+        else:
+            approx = np.sqrt(np.maximum(xx[:, None] - 2 * s + (self.cn**2)[None, :], 0.0))
+            err = np.sqrt(2 * (self.d + 4) * U * (nx + self.cmax) ** 2)
+        a2 = np.partition(approx, 1, axis=1)[:, 1]
+        return np.nonzero(approx <= _window_edge(a2, err)[:, None])
+
+    def _window_device(self, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`_window` as a float64 GEMM on the CUDA device (IEEE float64 there too, so the same
+        error bound holds); only the pairs come back."""
+        import torch
+
+        if self._dev is None:
+            c64 = torch.from_numpy(self.c64).to(self.device)
+            self._dev = (c64, torch.from_numpy(self.cn).to(self.device))
+        c64, cn = self._dev
+        xt = torch.from_numpy(xb).to(self.device)
+        s = xt @ c64.T
+        xx = (xt * xt).sum(1)
+        nx = xx.sqrt()
+        if self.metric == "cosine":
+            approx = 1.0 - s / (nx[:, None] * cn[None, :])
+            approx = torch.where(torch.isfinite(approx), approx, torch.ones_like(approx))
+            err = np.full(len(xb), (4 * self.d + 16) * U)
+        else:
+            approx = (xx[:, None] - 2 * s + (cn * cn)[None, :]).clamp_min(0).sqrt()
+            err = np.sqrt(2 * (self.d + 4) * U * (nx.cpu().numpy() + self.cmax) ** 2)
+        del s
+        a2 = approx.topk(2, dim=1, largest=False).values[:, 1].cpu().numpy()
+        edge = torch.from_numpy(_window_edge(a2, err)).to(self.device)
+        rr, jj = torch.nonzero(approx <= edge[:, None], as_tuple=True)
+        return rr.cpu().numpy(), jj.cpu().numpy()
+
+
+def _window_edge(a2: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """The largest float64 D that may still round to a row's second-nearest float32 value:
+    its second-smallest float64 D plus twice the error bound and four float32 steps."""
+    step = np.spacing(np.abs(a2).astype(np.float32)).astype(np.float64)
+    return a2 + 2 * err + 4 * step + 1e-300
 
 
 def _exact(xr: np.ndarray, cr: np.ndarray, metric: str) -> np.float32:
