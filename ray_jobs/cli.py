@@ -208,9 +208,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ray_jobs.progress import use_json_logs
 
         use_json_logs()
-    doc = prune.run(cfg)
+    doc = prune.run(cfg, wait_report=False)  # the report finishes while Ray shuts down
     print_result("run", f"{cfg.output.rstrip('/')}/{cfg.run_id}", doc)
+    sys.stdout.flush()
+    finish_run()
     return 0
+
+
+def finish_run() -> None:
+    """The end of a `run` process: shut down Ray (the embedded one this process started, or
+    its connection to a cluster) while the report is written, then wait for the report."""
+    from scoring.report.background import wait_all
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        wait_all()
 
 
 def print_result(what: str, where: str, doc: dict[str, Any]) -> None:

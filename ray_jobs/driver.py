@@ -313,9 +313,12 @@ class Run:
         return commit.commit_run(self.store, doc) or doc
 
 
-def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
-    """Run (or resume) a whole pruning job; returns the committed manifest."""
+def run(cfg: RunConfig, quiet: bool = False, wait_report: bool = True) -> dict[str, Any]:
+    """Run (or resume) a whole pruning job; returns the committed manifest. The report is
+    built while the manifest commits; `wait_report=False` returns before it is written
+    (`scoring.report.background.wait_all` waits for it)."""
     from ray_jobs.reduce import reduce
+    from scoring.report.background import ReportWriter
 
     configure_progress(log_format=cfg.log_format)
     r = Run(cfg, quiet=quiet)
@@ -338,8 +341,9 @@ def run(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     doc = reduce(r, centroids, sha)
     r.timings["reduce"] = time.perf_counter() - t0
     doc.update(reuse.update_record(cfg, r.store, sha))
+    report = ReportWriter(r.store, doc)  # built while the manifest commits
     doc = r.commit(doc)
-    write_report_logged(r.store)
+    report.write(doc, wait=wait_report)
     return doc
 
 
@@ -366,11 +370,6 @@ def plan_and_start_ray(r: Run, address: str | None) -> None:
 def write_report_logged(store: Store, selection: str | None = None) -> str | None:
     """Write report/index.html (of a selection: selections/NAME/report/index.html); a failure
     is logged, never raised (the run is committed)."""
-    try:
-        from scoring.report import write_report
+    from scoring.report.background import write_logged
 
-        return write_report(store, selection=selection)
-    except Exception as e:  # noqa: BLE001 - the report must not fail a committed run
-        log.error("report not written for %s: %s: %s", store.uri(), type(e).__name__, e)
-        log.debug("report failure", exc_info=True)
-        return None
+    return write_logged(store, selection)

@@ -24,11 +24,13 @@ from typing import Any
 from scoring.config import RunConfig
 
 
-def run(cfg: RunConfig, quiet: bool | None = None) -> dict[str, Any]:
-    """Run (or resume) a pruning job; returns the committed manifest (`_MANIFEST.json`)."""
+def run(cfg: RunConfig, quiet: bool | None = None, wait_report: bool = True) -> dict[str, Any]:
+    """Run (or resume) a pruning job; returns the committed manifest (`_MANIFEST.json`).
+    `wait_report=False`: return before report/index.html is written (it finishes on a thread;
+    `scoring.report.background.wait_all()` waits for it)."""
     from ray_jobs.driver import run as run_job
 
-    return run_job(cfg, quiet=cfg.quiet if quiet is None else quiet)
+    return run_job(cfg, quiet=cfg.quiet if quiet is None else quiet, wait_report=wait_report)
 
 
 def status(run_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -97,6 +97,25 @@ def test_report_written_at_end_of_run(finished):
     assert f"{man['rows_in']:,}" in page and f"{man['rows_kept']:,}" in page
 
 
+def test_report_built_during_the_commit_is_the_committed_runs(finished):
+    """The driver builds the page from the manifest about to be committed, while it commits:
+    the same page as one built afterwards from the committed folder (but for its time stamp);
+    another driver's manifest (the commit lost) gets a page of its own, written anew."""
+    from scoring.report.background import ReportWriter
+
+    _, store, _ = finished
+    man = commit.read_json(store, layout.MANIFEST)
+    stamp = re.compile(r"report written [0-9T:Z-]+")
+    during = report.build_report(store, manifest=dict(man))
+    after = report.build_report(store)
+    assert stamp.sub("", during) == stamp.sub("", after)
+    ours = dict(man, rows_kept=-12345)  # a manifest that lost the commit: not written
+    w = ReportWriter(store, ours)
+    w.write(man)  # the committed one, another object
+    page = store.get_bytes(layout.REPORT).decode()
+    assert stamp.sub("", page) == stamp.sub("", after) and "-12,345" not in page
+
+
 def test_report_numbers_match_brute_force(finished):
     _, store, full = finished
     man = commit.read_json(store, layout.MANIFEST)

@@ -28,10 +28,15 @@ def build_report(
     example_column: str | None = None,
     max_rows: int = MAX_ROWS,
     selection: str | None = None,
+    manifest: dict | None = None,
 ) -> str:
     """The report page of the run folder `store` (finished or not), or of one of its
-    committed selections."""
-    data = collect(store, example_column=example_column, max_rows=max_rows, selection=selection)
+    committed selections. `manifest`: the manifest about to be committed, used instead of
+    reading `_MANIFEST.json` (the driver builds the page while the manifest commits)."""
+    data = collect(
+        store, example_column=example_column, max_rows=max_rows, selection=selection,
+        manifest=manifest,
+    )  # fmt: skip
     return render_html(data)
 
 
@@ -40,11 +45,13 @@ def write_report(
     example_column: str | None = None,
     max_rows: int = MAX_ROWS,
     selection: str | None = None,
+    page: str | None = None,
 ) -> str:
-    """Build the report and write it to report/index.html (a selection's: in its folder);
-    returns its URL."""
+    """Build the report (unless `page` is given, built already) and write it to
+    report/index.html (a selection's: in its folder); returns its URL."""
     t0 = time.perf_counter()
-    page = build_report(store, example_column, max_rows, selection)
+    if page is None:
+        page = build_report(store, example_column, max_rows, selection)
     key = f"{layout.selection_prefix(selection)}/{layout.REPORT}" if selection else layout.REPORT
     store.put_bytes(key, page.encode("utf-8"))
     log.info("report %s written (%.1fs)", store.uri(key), time.perf_counter() - t0)

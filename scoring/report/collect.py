@@ -88,9 +88,11 @@ def collect(
     max_rows: int = MAX_ROWS,
     n_bins: int = N_BINS,
     selection: str | None = None,
+    manifest: dict | None = None,
 ) -> ReportData:
     """Read what the run folder holds into a ReportData (bounded memory, Store IO only); with
-    `selection`, that committed selection's manifest and keep files instead of the run's."""
+    `selection`, that committed selection's manifest and keep files instead of the run's;
+    `manifest`: that manifest as given (not yet committed) instead of the stored one."""
     run = read_json_or_none(store, layout.RUN_JSON)
     if run is None:
         raise NotFound(f"{store.uri()}: not a protoprune run folder (no {layout.RUN_JSON})")
@@ -101,7 +103,7 @@ def collect(
             raise NotFound(
                 f"{store.uri(man_key)}: not found (no committed selection {selection!r})"
             )
-    man = read_json_or_none(store, man_key)
+    man = manifest if manifest is not None else read_json_or_none(store, man_key)
     cfg = run.get("config", {})
     shards = [Shard.from_json(s) for s in run.get("shards", [])]
     proto = read_json_or_none(store, layout.PROTOTYPES_COMMIT)
