@@ -6,8 +6,9 @@ never sees half a file. Transient IO errors are retried with bounded exponential
 jitter; permanent ones (missing bucket, access denied) are raised at once with the URL.
 
 Every object-store request is bounded in time: a connect timeout and a read timeout per socket
-read (a server that stops answering), and, for requests of a known size, a deadline on the whole
-call of request_timeout() + bytes / MIN_RATE. A timed-out request is retried like any transient
+read (a server that stops answering), and a deadline on the whole call: request_timeout() +
+bytes / MIN_RATE for the bytes asked for (a whole object of unknown size as if 1 GiB), and
+LISTING_REQUESTS base deadlines for a listing. A timed-out request is retried like any transient
 error; when the retries are spent the call fails with one line naming the key (StoreError).
 
 The filesystem client is created lazily and dropped when the Store is pickled, so a Store can be
@@ -30,7 +31,9 @@ from scoring.ranged import RangedFile
 from scoring.retry import is_transient, retry_io
 from scoring.store_rules import (
     IO_ATTEMPTS,
+    LISTING_REQUESTS,
     MIN_RATE,
+    UNSIZED_BYTES,
     create_only_outcome,
     request_timeout,
 )
@@ -118,19 +121,21 @@ class Store:
                 f"{self.uri(key)}: {verb} failed {IO_ATTEMPTS} times ({type(e).__name__}: {why})"
             ) from None
 
-    def _deadline(self, nbytes: int = 0) -> dict[str, float]:
-        """`timeout=` for an fsspec call moving nbytes: the whole call (its inner retries
-        included) is cancelled past it. Only async object-store clients take it."""
+    def _deadline(self, nbytes: int = 0, requests: int = 1) -> dict[str, float]:
+        """`timeout=` for an fsspec call moving nbytes in `requests` requests: the whole call
+        (its inner retries included) is cancelled past it. Only async object-store clients
+        take it."""
         if self.is_local or not getattr(self.fs, "async_impl", False):
             return {}
-        return {"timeout": request_timeout() + nbytes / MIN_RATE}
+        return {"timeout": requests * request_timeout() + nbytes / MIN_RATE}
 
     def exists(self, key: str) -> bool:
         return self._wrap(lambda: self.fs.exists(self.path(key), **self._deadline()), key, "exists")
 
     def get_bytes(self, key: str) -> bytes:
-        """The whole object (size unknown: bounded by the per-read timeout only)."""
-        return self._wrap(lambda: self.fs.cat_file(self.path(key)), key, "read")
+        """The whole object (size unknown: its deadline is that of UNSIZED_BYTES)."""
+        t = self._deadline(UNSIZED_BYTES)
+        return self._wrap(lambda: self.fs.cat_file(self.path(key), **t), key, "read")
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         t = self._deadline(max(0, end - start))
@@ -172,12 +177,13 @@ class Store:
                 self.fs.invalidate_cache(base)
             except Exception:  # noqa: BLE001 - cache invalidation is best-effort
                 pass
-            if not self.fs.exists(base):
+            t = self._deadline(requests=LISTING_REQUESTS)
+            if not self.fs.exists(base, **t):
                 return []
-            if self.fs.isfile(base):
+            if self.fs.isfile(base, **t):
                 found = [base]
             else:
-                found = self.fs.find(base, withdirs=False)
+                found = self.fs.find(base, withdirs=False, **t)
             return sorted(self.key_of(p) for p in found)
 
         keys = self._wrap(_do, prefix, "list")
@@ -193,11 +199,12 @@ class Store:
                 self.fs.invalidate_cache(base)
             except Exception:  # noqa: BLE001
                 pass
-            if not self.fs.exists(base):
+            t = self._deadline(requests=LISTING_REQUESTS)
+            if not self.fs.exists(base, **t):
                 return []
-            if self.fs.isfile(base):
-                return [dict(self.fs.info(base), name=base)]
-            return list(self.fs.find(base, withdirs=False, detail=True).values())
+            if self.fs.isfile(base, **t):
+                return [dict(self.fs.info(base, **t), name=base)]
+            return list(self.fs.find(base, withdirs=False, detail=True, **t).values())
 
         out = []
         for d in self._wrap(_do, prefix, "list"):

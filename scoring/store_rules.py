@@ -2,7 +2,9 @@
 
 - Every object-store request is bounded: a connect timeout, a read timeout per socket read
   (`request_timeout()`), and for a call of known size a deadline on the whole call of
-  request_timeout() + bytes / MIN_RATE; a call is tried IO_ATTEMPTS times on transient errors.
+  request_timeout() + bytes / MIN_RATE (a whole object of unknown size: as if 1 GiB; a
+  listing: LISTING_REQUESTS base deadlines); a call is tried IO_ATTEMPTS times on transient
+  errors.
 - A conditional PUT's refusal is decided by the error response's code or HTTP status, never by
   its message, which may hold any number (a port, a key).
 """
@@ -17,6 +19,8 @@ IO_ATTEMPTS = 6  # tries of one Store call on transient errors (retry_io)
 CONNECT_TIMEOUT_S = 10.0
 TIMEOUT_ENV = "PROTOPRUNE_REQUEST_TIMEOUT_S"  # read timeout and base deadline (default 60 s)
 MIN_RATE = 1 << 20  # bytes/s a transfer is allowed as its slowest, on top of the base deadline
+UNSIZED_BYTES = 1 << 30  # a whole-object read of unknown size gets the deadline of 1 GiB
+LISTING_REQUESTS = 20  # a listing's deadline: this many base deadlines (its pages, its probes)
 
 
 def request_timeout() -> float:

@@ -63,7 +63,9 @@ def keep_ids(bucket, run_id) -> list:
     return sorted(i for f in doc["files"] for i in st.read_parquet(f["path"])["id"].to_pylist())
 
 
-@pytest.mark.parametrize("call", ["get_range", "get_ranges", "info", "exists", "put", "marker"])
+@pytest.mark.parametrize(
+    "call", ["get_range", "get_ranges", "get_bytes", "info", "exists", "list", "put", "marker"]
+)
 def test_a_stalled_request_fails_with_one_line_naming_the_key(env, call):
     bucket = env.new_bucket()
     Store(f"s3://{bucket}").put_bytes("p/shard-000007.parquet", b"0123456789")
@@ -73,7 +75,9 @@ def test_a_stalled_request_fails_with_one_line_naming_the_key(env, call):
         calls = {
             "get_range": lambda: st.get_range("shard-000007.parquet", 2, 5),
             "get_ranges": lambda: st.get_ranges("shard-000007.parquet", [(0, 2), (4, 8)]),
+            "get_bytes": lambda: st.get_bytes("shard-000007.parquet"),
             "info": lambda: st.info("shard-000007.parquet"),
+            "list": lambda: st.list("shard-000007.parquet"),
             "exists": lambda: st.exists("shard-000007.parquet"),
             "put": lambda: st.put_bytes("shard-000007.parquet", b"new"),
             "marker": lambda: st.put_if_absent("shard-000007.parquet", b"new"),
@@ -101,7 +105,9 @@ def test_a_stalled_gcs_request_fails_with_one_line_naming_the_key(
         st = Store(f"gs://{bucket}/p")
         calls = {
             "get_range": lambda: st.get_range("shard-000007.parquet", 2, 5),
+            "get_bytes": lambda: st.get_bytes("shard-000007.parquet"),
             "info": lambda: st.info("shard-000007.parquet"),
+            "list": lambda: st.list("shard-000007.parquet"),
             "put": lambda: st.put_bytes("shard-000007.parquet", b"new"),
             "marker": lambda: st.put_if_absent("shard-000008.parquet", b"new"),
         }
