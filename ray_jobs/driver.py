@@ -28,6 +28,7 @@ from scoring.stages.sample import SampleTask, digest_task, pick_rows, sample_tas
 from scoring.storage import Store
 
 log = logging.getLogger("protoprune")
+REUSE_THREADS = 16  # concurrent copies of --reuse-scores-from (object-store requests)
 
 __all__ = ["Run", "RunFailed", "run"]
 
@@ -151,16 +152,17 @@ class Run:
         return sch.Failures(self.store, stage, self.where, self.row_groups)
 
     # ---- the actor pool (sample of raw content, fit there, score)
-    def actors(self) -> sch.ActorPool:
+    def actors(self, units: int | None = None) -> sch.ActorPool:
         """The run's ShardWorker actors, created once (each loads the embedder once) and
-        shared by the sample and score stages. max_concurrency=2: an actor reads its next
-        shard while it computes the current one."""
+        shared by the sample and score stages; at most one per shard to do (`units`, default
+        all shards). max_concurrency=2: an actor reads its next shard while it computes the
+        current one. Creation returns at once: the actors start in the background."""
         if self.pool is None:
             import ray
 
             from ray_jobs.workers import ShardWorker
 
-            n, res, gpu = sch.worker_resources(self.cfg, len(self.shards))
+            n, res, gpu = sch.worker_resources(self.cfg, units or len(self.shards))
             cls = ray.remote(
                 max_restarts=self.cfg.max_retries, max_task_retries=0, max_concurrency=2, **res
             )(ShardWorker)
@@ -279,7 +281,7 @@ class Run:
             c = cached.get(shard.index)
             return actor.score.remote(shard, [c] if c is not None else None, proto)
 
-        pool = self.actors()
+        pool = self.actors(len(todo))
         pool.call = call
         prog = Progress("score", len(todo), sum(s.rows for s in todo), self.quiet)
         units = [(s.index, s) for s in todo]
@@ -294,18 +296,26 @@ class Run:
 
     def reuse_scores(self, todo: list, sha: str) -> list:
         """Copy the committed scores of the unchanged shards of --reuse-scores-from; return
-        the shards left to score."""
+        the shards left to score. The copies are IO (a server-side copy, a hard link): they
+        run on threads of the driver while the actors for the shards left start up."""
         old = Store(self.cfg.reuse_scores_from, self.cfg.storage_options)
         plan = reuse.plan_reuse(self.cfg, old, todo, self.in_store, self.plan_.fingerprint, sha)
+        left = [s for s in todo if s.index not in plan]
+        if left:
+            self.actors(len(left))  # started now: their start-up overlaps the copies
         emb = self.cfg.save_embeddings or self.cfg.effective_dedup_eps is not None
         tasks = [
             reuse.ReuseTask(old, self.store, plan[s.index], s, emb, old.uri())
             for s in todo
             if s.index in plan
         ]
-        list(sch.map_tasks(reuse.reuse_shard, tasks, 4 * sch.cluster_cpus(), "reuse", self.quiet))
+        prog = Progress("reuse", len(tasks), None, self.quiet)
+        with ThreadPoolExecutor(REUSE_THREADS, thread_name_prefix="reuse") as ex:
+            for _ in ex.map(reuse.reuse_shard, tasks):
+                prog.update()
+        prog.close()
         log.info("score: %d shards reused from %s", len(tasks), old.uri())
-        return [s for s in todo if s.index not in plan]
+        return left
 
     def commit(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Commit the manifest; the committed one (another driver's when it won)."""

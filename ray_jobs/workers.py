@@ -22,6 +22,15 @@ from scoring.storage import Store
 log = logging.getLogger(__name__)
 
 
+def warm_search_backend(use_gpu: bool) -> None:
+    """Import the search backend's library now (torch: 1-2 s), while the actor starts up
+    beside the driver's other work, not when the first shard is waiting for it."""
+    from scoring.kernels.assign import auto_backend
+
+    if auto_backend(use_gpu) == "torch":
+        import torch  # noqa: F401
+
+
 class ShardWorker:
     """One per GPU (or CPU slot). Loads the embedder and the prototypes once, then scores
     shard after shard.
@@ -65,6 +74,7 @@ class ShardWorker:
             )
         self.use_gpu = use_gpu
         self.searcher = None
+        warm_search_backend(use_gpu)
         if centroids is not None:
             self._load_prototypes(centroids, prototypes_sha)
 
