@@ -19,8 +19,9 @@ import logging
 import time
 
 import numpy as np
-from _common import clustered_chunk, header, loadavg
+from _common import clustered_chunk, gemm_peak_fp32, gemm_peak_torch, header, loadavg
 
+from scoring.kernels import kmeans
 from scoring.kernels.devices import normalize
 from scoring.kernels.kmeans import choose_backend, fit_kmeans
 
@@ -43,6 +44,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4, help="fits per backend (seeds 0..S-1)")
     ap.add_argument("--clusters", type=int, default=2000, help="latent clusters of the data")
     ap.add_argument("--noise", type=float, default=0.6)
+    ap.add_argument(
+        "--torch-fp32",
+        action="store_true",
+        help="also the torch Lloyd iterations with fp32 products (what a CPU without bf16 runs)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import faiss
@@ -56,18 +62,28 @@ def main() -> None:
         f"# threads: torch {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}; "
         f"auto here = {choose_backend('auto')}"
     )
+    print(
+        f"# GEMM peaks here now: fp32 (numpy) {gemm_peak_fp32():.0f}, torch fp32 "
+        f"{gemm_peak_torch('fp32'):.0f}, torch bf16 {gemm_peak_torch('bf16'):.0f} GFLOP/s"
+    )
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((args.clusters, args.dim), dtype=np.float32)
     x = normalize(clustered_chunk(rng, centers, args.rows, args.noise))
     flop = 2.0 * args.rows * args.k * args.dim * args.iters
     res: dict[str, list[tuple[float, float, float, int]]] = {}
-    for be in ("faiss", "torch"):  # faiss first: the baseline
+    runs = ["faiss", "torch"] + (["torch-fp32"] if args.torch_fp32 else [])
+    for be in runs:  # faiss first: the baseline
         res[be] = []
+        native = kmeans.cpu_has_bf16
+        if be == "torch-fp32":  # the fp32 products of a CPU without native bf16
+            kmeans.cpu_has_bf16 = lambda: False
         for seed in range(args.seeds):
             t0 = time.perf_counter()
-            c, reported, st = fit_kmeans(x, args.k, args.iters, "cosine", seed, backend=be)
+            c, reported, st = fit_kmeans(
+                x, args.k, args.iters, "cosine", seed, backend=be.split("-")[0]
+            )
             secs = time.perf_counter() - t0
-            assert st["backend"] == be and st["iterations"] == args.iters, st
+            assert st["backend"] == be.split("-")[0] and st["iterations"] == args.iters, st
             res[be].append((secs, reported, objective(x, c), st["iterations"]))
             print(
                 f"{be:5s} seed {seed}: {secs:7.2f} s ({flop / secs / 1e9:5.0f} GFLOP/s), "
@@ -75,6 +91,7 @@ def main() -> None:
                 f"[{st['precision']}, load {loadavg():.1f}]",
                 flush=True,
             )
+        kmeans.cpu_has_bf16 = native
     f_t = np.array([r[0] for r in res["faiss"]])
     t_t = np.array([r[0] for r in res["torch"]])
     f_o = np.array([r[2] for r in res["faiss"]])
@@ -82,7 +99,16 @@ def main() -> None:
     print()
     print("| backend | median fit s | GFLOP/s | objective min..max (evaluated) | mean |")
     print("|---|---|---|---|---|")
-    for name, tt, oo in (("faiss fp32", f_t, f_o), ("torch bf16", t_t, t_o)):
+    rows = [("faiss fp32", f_t, f_o), ("torch bf16", t_t, t_o)]
+    if args.torch_fp32:
+        rows.append(
+            (
+                "torch fp32",
+                np.array([r[0] for r in res["torch-fp32"]]),
+                np.array([r[2] for r in res["torch-fp32"]]),
+            )
+        )
+    for name, tt, oo in rows:
         med = float(np.median(tt))
         print(
             f"| {name} | {med:.2f} | {flop / med / 1e9:.0f} | "
@@ -95,7 +121,8 @@ def main() -> None:
         f"({(t_o.mean() - f_o.mean()) / f_o.mean():+.3%}; higher is better); "
         f"torch min >= faiss min - spread: {bool(t_o.min() >= f_o.min() - spread)}"
     )
-    print(f"fit speed-up torch bf16 / faiss fp32 (median): {np.median(f_t) / np.median(t_t):.2f}x")
+    for name, tt, _ in rows[1:]:
+        print(f"fit speed-up {name} / faiss fp32 (median): {np.median(f_t) / np.median(tt):.2f}x")
     print(f"# load average at end {loadavg():.1f}")
 
 

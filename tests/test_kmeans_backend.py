@@ -262,3 +262,31 @@ def test_run_with_faiss_forced_and_tol(ray_local, tmp_path):
     assert marker["backend"] == "faiss" and marker["precision"] == "fp32"
     assert marker["tol"] == 1e-5 and 2 <= marker["iterations"] < 60
     assert doc["kmeans"]["iterations"] == marker["iterations"]
+
+
+def test_fit_task_gives_torch_and_faiss_every_core(ray_local):
+    """Ray pins OMP_NUM_THREADS to a task's num_cpus (1): the fit task raises both libraries'
+    thread counts to the cores it may run on."""
+    import ray
+
+    from ray_jobs.workers import use_all_cores
+
+    @ray.remote(num_cpus=1)
+    def probe():
+        import os
+
+        import faiss
+        import torch
+
+        use_all_cores()
+        cores = len(os.sched_getaffinity(0))
+        return (
+            os.environ.get("OMP_NUM_THREADS"),
+            torch.get_num_threads(),
+            faiss.omp_get_max_threads(),
+            cores,
+        )
+
+    omp, t, f, cores = ray.get(probe.remote())
+    assert omp == "1"  # what Ray set for the task
+    assert t == f == cores
