@@ -28,11 +28,6 @@ from scoring.stages.sample import SampleTask, digest_task, pick_rows, sample_tas
 from scoring.storage import Store
 
 log = logging.getLogger("protoprune")
-# what the manifest repeats of the prototypes' commit marker: which fit ran, and how far
-KMEANS_KEYS = (
-    "backend", "requested_backend", "device", "precision", "iterations", "tol", "inertia",
-    "seconds", "sample_rows",
-)  # fmt: skip
 
 __all__ = ["Run", "RunFailed", "run"]
 
@@ -318,7 +313,9 @@ class Run:
         """Commit the manifest; the committed one (another driver's when it won)."""
         doc["timings_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
         marker = commit.load_committed_marker(self.store) or {}
-        fit = {key: marker[key] for key in KMEANS_KEYS if key in marker}
+        # what the manifest repeats of the prototypes' marker: which fit ran, and how far
+        keys = ("backend", "requested_backend", "device", "precision", "iterations", "tol")
+        fit = {key: marker[key] for key in (*keys, "inertia", "seconds") if key in marker}
         if fit:  # the fit that made the prototypes (absent for --prototypes-from)
             doc["kmeans"] = fit
         return commit.commit_run(self.store, doc) or doc
