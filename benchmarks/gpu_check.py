@@ -95,7 +95,6 @@ class Spectrum:
 
 
 def kmeans_check(data: Spectrum, n: int, k: int, iters: int):
-    from scoring.kernels.devices import has_faiss_gpu
     from scoring.kernels.kmeans import fit_kmeans, fit_kmeans_torch
 
     x = data.host(n)
@@ -107,7 +106,7 @@ def kmeans_check(data: Spectrum, n: int, k: int, iters: int):
     same = c1.tobytes() == c2.tobytes()
     row(
         f"k-means {n:,} x {x.shape[1]}, k={k:,}, {iters} iters "
-        f"({'faiss-gpu' if has_faiss_gpu() else 'torch'}), fitted twice",
+        f"({st.get('backend', 'torch')} {st.get('precision', '')}), fitted twice",
         f"{secs:.1f} s",
         f"{'same bytes' if same else 'DIFFERENT BYTES'} in both fits; "
         f"{st['iterations']} iterations, inertia {inertia:.4g}",

@@ -48,6 +48,19 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--k", "k", int, "number of prototypes (default: 1000)"),
     ("--metric", "metric", str, "cosine (default; spherical k-means) or l2"),
     ("--kmeans-iters", "kmeans_iters", int, "k-means iterations (default: 20)"),
+    (
+        "--kmeans-backend",
+        "kmeans_backend",
+        str,
+        "auto (default: torch bf16 where bf16 is native, CPU or GPU; else faiss) | faiss | torch",
+    ),
+    (
+        "--kmeans-tol",
+        "kmeans_tol",
+        float,
+        "stop k-means once the objective moves by <= TOL (relative) in an iteration "
+        "(default: off, exactly --kmeans-iters)",
+    ),
     ("--sample-size", "sample_size", int, "rows sampled for k-means (default: 256 * k)"),
     ("--seed", "seed", int, "seed for sampling, k-means and random (default: 0)"),
     ("--shard-rows", "shard_rows", int, "target rows per shard (default: 1,000,000)"),

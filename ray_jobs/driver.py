@@ -231,8 +231,10 @@ class Run:
         commit.clear_failures(self.store, layout.PROTOTYPES)
         self.timings["fit"] = time.perf_counter() - t1  # gather, k-means, commit
         log.info(
-            "prototypes: k=%d on %d sampled rows, inertia %.4g, %d iterations (%.1fs)",
-            cfg.k, fit.sample_rows, fit.inertia, fit.iterations, fit.seconds,
+            "prototypes: k=%d on %d sampled rows, %s %s on %s, objective %.6g, %d iterations "
+            "(%.1fs)",
+            cfg.k, fit.sample_rows, fit.stats.get("backend"), fit.stats.get("precision"),
+            fit.stats.get("device"), fit.inertia, fit.iterations, fit.seconds,
         )  # fmt: skip
         got = commit.load_committed(self.store)
         assert got is not None
@@ -320,6 +322,12 @@ class Run:
     def commit(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Commit the manifest; the committed one (another driver's when it won)."""
         doc["timings_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
+        marker = commit.load_committed_marker(self.store) or {}
+        # what the manifest repeats of the prototypes' marker: which fit ran, and how far
+        keys = ("backend", "requested_backend", "device", "precision", "iterations", "tol")
+        fit = {key: marker[key] for key in (*keys, "inertia", "seconds") if key in marker}
+        if fit:  # the fit that made the prototypes (absent for --prototypes-from)
+            doc["kmeans"] = fit
         return commit.commit_run(self.store, doc) or doc
 
 

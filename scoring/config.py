@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -36,6 +37,9 @@ _NOT_HASHED = frozenset(
         "reuse_scores_from",  # reused shards are the bytes a fresh score would write
     }
 )
+# Settings added after runs were made: hashed only when set to something else than this default,
+# so the hash of a run made before they existed (a resume of it) stays the same.
+_HASHED_UNLESS_DEFAULT = {"kmeans_backend": "auto", "kmeans_tol": None}
 # Keys whose values are never written anywhere (run.json, logs, errors).
 SECRET_KEYS = re.compile(r"(secret|token|password|key$|key_id|credential|session)", re.I)
 
@@ -62,6 +66,8 @@ class RunConfig:
     k: int = 1000
     metric: str = "cosine"
     kmeans_iters: int = 20
+    kmeans_backend: str = "auto"  # auto: torch bf16 where bf16 is native (CPU or CUDA), else faiss
+    kmeans_tol: float | None = None  # None: exactly kmeans_iters; else faiss-style early stop
     sample_size: int | None = None  # None: 256 * k (capped at the number of rows)
     seed: int = 0
     shard_rows: int = 1_000_000
@@ -108,7 +114,12 @@ class RunConfig:
 
     def hashed_settings(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        return {k: v for k, v in sorted(d.items()) if k not in _NOT_HASHED}
+        return {
+            k: v
+            for k, v in sorted(d.items())
+            if k not in _NOT_HASHED
+            and not (k in _HASHED_UNLESS_DEFAULT and v == _HASHED_UNLESS_DEFAULT[k])
+        }
 
     def config_hash(self) -> str:
         blob = json.dumps(self.hashed_settings(), sort_keys=True, default=str).encode()
@@ -180,6 +191,15 @@ def validate(cfg: RunConfig) -> None:
         raise _bad("k", cfg.k, "must be at least 1")
     if cfg.kmeans_iters < 1:
         raise _bad("kmeans_iters", cfg.kmeans_iters, "must be at least 1")
+    from scoring.kernels.kmeans import BACKENDS
+
+    if cfg.kmeans_backend not in BACKENDS:
+        raise _bad("kmeans_backend", cfg.kmeans_backend, f"must be one of {', '.join(BACKENDS)}")
+    t = cfg.kmeans_tol
+    if t is not None and (
+        isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t < math.inf)
+    ):
+        raise _bad("kmeans_tol", t, "must be a number >= 0 (relative change of the objective)")
     if cfg.shard_rows < 1:
         raise _bad("shard_rows", cfg.shard_rows, "must be at least 1")
     if cfg.sample_size is not None and cfg.sample_size < cfg.k:

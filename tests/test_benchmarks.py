@@ -42,6 +42,10 @@ CASES = {
         ["--rows", "20000,40000", "--dim", "8", "--k", "10", "--shard-rows", "10000"],
         ["growth 2x rows"],
     ),
+    "bench_fit.py": (
+        ["--rows", "6000", "--dim", "16", "--k", "20", "--iters", "4", "--seeds", "2"],
+        ["| faiss fp32 |", "| torch bf16 |", "faiss seed spread", "fit speed-up torch bf16"],
+    ),
     "bench_kmeans_sample.py": (
         ["--rows", "20000", "--dim", "8", "--k", "20", "--iters", "3"],
         ["| shuffled | row groups", "| sorted | uniform"],

@@ -102,7 +102,9 @@ def test_same_prototypes_and_keep_list_under_any_layout(ray_local, data, strateg
     sample = reference_sample(data)
     marker = commit.read_json(stores[0], "prototypes/_COMMITTED.json")
     assert marker["sample_rows"] == len(sample) == SAMPLE
-    want, _, _ = fit_kmeans(sample, K, 8, "cosine", 0)
+    # with the backend the run resolved (auto: torch bf16 on a CPU with native bf16)
+    assert marker["requested_backend"] == "auto" and marker["iterations"] == 8
+    want, _, _ = fit_kmeans(sample, K, 8, "cosine", 0, backend=marker["backend"])
     got = np.load(io.BytesIO(blobs[0]))
     np.testing.assert_allclose(got, want, atol=1e-5)
     # every row's cluster and distance, bit for bit (float32 values compared exactly)

@@ -1,5 +1,5 @@
-"""Prototype sampling and faiss k-means: the sample plan, determinism, exact iterations, no
-subsampling."""
+"""Prototype sampling and k-means (faiss and torch backends): the sample plan, determinism,
+exact iterations, no subsampling."""
 
 from __future__ import annotations
 
@@ -50,39 +50,46 @@ def test_sample_plan_sums_and_reads_few_row_groups(rows, s):
         assert picked.sum() <= 4 and held <= 400
 
 
+BACKENDS = pytest.mark.parametrize("backend", ["faiss", "torch"])
+
+
+@BACKENDS
 @pytest.mark.parametrize("iters", [1, 3, 7])
-def test_fit_kmeans_runs_exactly_the_given_iterations(iters):
+def test_fit_kmeans_runs_exactly_the_given_iterations(iters, backend):
     x = clustered(2000, 8, 5, seed=1)
-    c, _, stats = fit_kmeans(x, 5, iters, "l2", seed=0)
-    assert stats["iterations"] == iters
+    c, _, stats = fit_kmeans(x, 5, iters, "l2", seed=0, backend=backend)
+    assert stats["iterations"] == iters and stats["backend"] == backend
     assert c.shape == (5, 8) and c.dtype == np.float32
 
 
-def test_fit_kmeans_does_not_subsample():
+@BACKENDS
+def test_fit_kmeans_does_not_subsample(backend):
     # 2000 rows for k = 2 is far above faiss's default 256 points per centroid. The inertia of
     # the last iteration covers the points it trained on; with every point it can only be at
     # least the inertia of all points w.r.t. the final (improved) centroids. A subsample of 512
     # rows would give about a quarter of it.
     x = clustered(2000, 6, 2, seed=2)
-    c, inertia, stats = fit_kmeans(x, 2, 4, "l2", seed=0)
+    c, inertia, stats = fit_kmeans(x, 2, 4, "l2", seed=0, backend=backend)
     d2 = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
     full = d2.min(1).sum()
     assert inertia >= full * (1 - 1e-4)
     assert stats["sample_rows"] == 2000
 
 
-def test_fit_kmeans_cosine_gives_unit_centroids():
+@BACKENDS
+def test_fit_kmeans_cosine_gives_unit_centroids(backend):
     x = clustered(1500, 12, 6, seed=3) * 5
-    c, _, stats = fit_kmeans(x, 6, 5, "cosine", seed=0)
+    c, _, stats = fit_kmeans(x, 6, 5, "cosine", seed=0, backend=backend)
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)
     assert stats["iterations"] == 5
-    c2, _, _ = fit_kmeans(x, 6, 5, "cosine", seed=0)
+    c2, _, _ = fit_kmeans(x, 6, 5, "cosine", seed=0, backend=backend)
     np.testing.assert_array_equal(c, c2)  # seeded
 
 
-def test_fit_kmeans_k_larger_than_sample():
+@BACKENDS
+def test_fit_kmeans_k_larger_than_sample(backend):
     with pytest.raises(ValueError, match="k = 10"):
-        fit_kmeans(np.ones((5, 3), np.float32), 10, 2, "l2", 0)
+        fit_kmeans(np.ones((5, 3), np.float32), 10, 2, "l2", 0, backend=backend)
 
 
 def test_save_and_load_committed(tmp_path):

@@ -96,7 +96,7 @@ def test_sample_shard_reads_the_picked_row_groups_only(tmp_path):
 def test_torch_kmeans_matches_faiss_quality_on_cpu():
     x = normalize(clustered(6000, 16, 12, seed=2))
     c_t, inertia_t, st = fit_kmeans_torch(x, 12, 10, "cosine", seed=0, device="cpu")
-    c_f, inertia_f, _ = fit_kmeans(x, 12, 10, "cosine", seed=0)
+    c_f, inertia_f, _ = fit_kmeans(x, 12, 10, "cosine", seed=0, backend="faiss")
     assert c_t.shape == (12, 16) and st["iterations"] == 10 and st["backend"] == "torch"
     np.testing.assert_allclose(np.linalg.norm(c_t, axis=1), 1.0, atol=1e-5)
     # mean similarity to the nearest centroid, evaluated independently of either fit

@@ -77,8 +77,9 @@ def fit_prototypes(
             x[o : o + shape[0]] = load_part(j)
             o += shape[0]
     centroids, _, stats = fit_kmeans(
-        x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu
-    )
+        x, cfg.k, cfg.kmeans_iters, cfg.metric, cfg.seed, use_gpu=use_gpu,
+        backend=cfg.kmeans_backend, tol=cfg.kmeans_tol,
+    )  # fmt: skip
     stats = dict(stats, sample_sha256=digests)
     if plan_sha is not None:
         stats["sample_plan_sha256"] = plan_sha
