@@ -113,7 +113,7 @@ def test_cluster_is_the_exact_argmin_with_ties_to_the_lower_index(metric):
         np.array([r[t] for r in ref], dt) for t, dt in enumerate((np.int32, np.float32, np.float32))
     ]
     assert want[0][0] == 4 and want[0][1] == 4  # the tie goes to the lower index
-    backends = [("faiss", "bf16"), ("torch", "bf16")] + (
+    backends = [("faiss", "auto"), ("torch", "bf16"), ("torch", "fp32")] + (
         [("torch", "fp16")] if metric == "cosine" else []
     )
     for backend, precision in backends:

@@ -18,7 +18,7 @@ from scoring import commit
 from scoring.config import RunConfig
 from scoring.errors import BadConfig
 from scoring.kernels import kmeans
-from scoring.kernels.devices import cpu_has_bf16
+from scoring.kernels.devices import product_precision
 from scoring.kernels.kmeans import choose_backend, fit_kmeans
 from scoring.storage import Store
 from tests.helpers import write_dataset
@@ -60,15 +60,18 @@ def faiss_from_the_same_start(x: np.ndarray, k: int, iters: int, metric: str, se
     return unit(km.centroids) if metric == "cosine" else km.centroids
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32", None])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_torch_fit_is_the_same_bytes_for_a_seed(metric):
+def test_torch_fit_is_the_same_bytes_for_a_seed(metric, precision):
+    """Both product precisions (bf16: CUDA and AMX CPUs; fp32: other CPUs), and the one this
+    machine picks (None)."""
     x = blobs(3000, 24, 8, 1.0, seed=3, offset=0.0 if metric == "cosine" else 5.0)
-    a, ia, st = fit_kmeans(x, 12, 6, metric, 7, backend="torch")
-    b, ib, _ = fit_kmeans(x, 12, 6, metric, 7, backend="torch")
+    a, ia, st = fit_kmeans(x, 12, 6, metric, 7, backend="torch", precision=precision)
+    b, ib, _ = fit_kmeans(x, 12, 6, metric, 7, backend="torch", precision=precision)
     assert a.tobytes() == b.tobytes() and ia == ib
     assert st["backend"] == "torch" and st["device"] == "cpu" and st["iterations"] == 6
-    assert st["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
-    other, _, _ = fit_kmeans(x, 12, 6, metric, 8, backend="torch")
+    assert st["precision"] == (precision or product_precision("cpu"))
+    other, _, _ = fit_kmeans(x, 12, 6, metric, 8, backend="torch", precision=precision)
     assert other.tobytes() != a.tobytes()  # the seed matters
     if metric == "cosine":
         np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
@@ -84,10 +87,11 @@ def test_torch_fit_is_the_same_bytes_for_a_seed(metric):
     ],
 )
 def test_torch_objective_within_0_3_percent_of_faiss(metric, n, d, c, noise, k, seed):
+    """The bf16 products (those of CUDA and AMX CPUs, forced here): within 0.3% of faiss."""
     x = blobs(n, d, c, noise, seed, offset=0.0 if metric == "cosine" else 10.0)
     if metric == "cosine":
         x = unit(x)
-    got, reported, st = fit_kmeans(x, k, 10, metric, seed, backend="torch")
+    got, reported, st = fit_kmeans(x, k, 10, metric, seed, backend="torch", precision="bf16")
     want = faiss_from_the_same_start(x, k, 10, metric, seed)
     o_torch, o_faiss = objective(x, got, metric), objective(x, want, metric)
     assert o_torch <= o_faiss * 1.003, (o_torch, o_faiss)
@@ -122,6 +126,20 @@ def test_choose_backend(monkeypatch):
     monkeypatch.setattr(kmeans, "torch_cuda", lambda: True)
     assert choose_backend("auto", use_gpu=True) == ("torch", "cuda")
     assert choose_backend("auto", use_gpu=False) == ("faiss", "cpu")
+
+
+def test_product_precision_is_bf16_where_bf16_products_are_fast(monkeypatch):
+    """bf16 on CUDA and on CPUs with AMX tiles; fp32 on other CPUs, AVX512_BF16 or not (its
+    bf16 matmul ran at half the fp32 rate on such a CPU: devices.product_precision)."""
+    from scoring.kernels import devices
+
+    assert devices.product_precision("cuda") == "bf16"
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: True)
+    assert devices.product_precision("cpu") == "bf16"
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: False)
+    assert devices.product_precision("cpu") == "fp32"
+    with pytest.raises(ValueError, match="fp64"):
+        fit_kmeans(blobs(100, 4, 2, 0.5, seed=1), 2, 1, "l2", 0, backend="torch", precision="fp64")
 
 
 def test_faiss_forced_runs_faiss(monkeypatch):
@@ -229,7 +247,7 @@ def test_run_with_torch_backend_is_exact_against_brute_force(ray_local, tmp_path
     marker = commit.read_json(store, "prototypes/_COMMITTED.json")
     assert marker["backend"] == "torch" and marker["requested_backend"] == "torch"
     assert marker["iterations"] == 7 and marker["tol"] is None
-    assert marker["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert marker["precision"] == product_precision("cpu")
     assert doc["kmeans"]["backend"] == "torch" and doc["kmeans"]["iterations"] == 7
     assert doc["kmeans"]["inertia"] == marker["inertia"]
     assert doc["config_hash"] == cfg.config_hash()

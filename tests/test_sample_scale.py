@@ -99,9 +99,15 @@ def test_torch_kmeans_matches_faiss_quality_on_cpu():
     c_f, inertia_f, _ = fit_kmeans(x, 12, 10, "cosine", seed=0, backend="faiss")
     assert c_t.shape == (12, 16) and st["iterations"] == 10 and st["backend"] == "torch"
     np.testing.assert_allclose(np.linalg.norm(c_t, axis=1), 1.0, atol=1e-5)
-    # mean similarity to the nearest centroid, evaluated independently of either fit
-    q_t = (x @ c_t.T).max(1).mean()
-    q_f = (x @ c_f.T).max(1).mean()
+
+    # mean similarity to the nearest centroid, evaluated independently of either fit, over
+    # six seeds (one seed compares two inits: k = 12 on 12 clusters has local optima that a
+    # start decides, ±0.03 here for either backend)
+    def quality(fit):
+        return np.mean([(x @ fit(s).T).max(1).mean() for s in range(6)])
+
+    q_t = quality(lambda s: fit_kmeans_torch(x, 12, 10, "cosine", seed=s, device="cpu")[0])
+    q_f = quality(lambda s: fit_kmeans(x, 12, 10, "cosine", seed=s, backend="faiss")[0])
     assert q_t >= q_f - 0.02
     assert inertia_t == pytest.approx((x @ c_t.T).max(1).sum(), rel=0.05)
     cl, il2, _ = fit_kmeans_torch(clustered(3000, 8, 6), 6, 8, "l2", seed=1, device="cpu")

@@ -11,7 +11,8 @@ worker count and shard layout writes the same bytes, and the backend can be chos
 Two candidate backends:
 
 * ``faiss``: an IndexFlatIP / IndexFlatL2 (faiss-gpu when present and asked for), fp32 top 3.
-* ``torch``: a chunked low-precision GEMM (bf16, or fp16 for cosine) that keeps the top
+* ``torch``: a chunked GEMM (precision "auto": bf16 on CUDA and on CPUs with AMX, fp32 on
+  other CPUs, `devices.product_precision`; fp16 for cosine on request) that keeps the top
   ``CANDIDATES`` prototypes of every row, then an fp32 re-score of those candidates.
   A row's nearest is certain when its best fp32 score beats the best possible score of any
   non-candidate (the lowest low-precision candidate score plus the precision's error bound);
@@ -47,6 +48,7 @@ from scoring.kernels.devices import (
     exact_fp32,
     free_cuda_bytes,
     has_faiss_gpu,
+    product_precision,
     search_chunk_rows,
     torch_cuda,
 )
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = 8  # low-precision top-m kept per row and re-scored exactly (8: ~98% of rows
 # certified on clustered 384-d data, against ~45% with 3; see Canonical.nearest)
-_UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
+_UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-24}
 
 
 def error_bound(precision: str, d: int) -> float:
@@ -81,15 +83,15 @@ class NearestPrototype:
         metric: str,
         use_gpu: bool = False,
         backend: str = "auto",
-        precision: str = "bf16",
+        precision: str = "auto",
         chunk_rows: int | None = None,
     ):
         if metric not in ("cosine", "l2"):
             raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
         if backend not in ("auto", "faiss", "torch"):
             raise ValueError(f"backend must be auto, faiss or torch, got {backend!r}")
-        if precision not in _UNIT_ROUNDOFF:
-            raise ValueError(f"precision must be bf16 or fp16, got {precision!r}")
+        if precision not in (*_UNIT_ROUNDOFF, "auto"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
         if precision == "fp16" and metric != "cosine":
             raise ValueError("precision fp16 is only safe for metric cosine (range); use bf16")
         self.metric = metric
@@ -101,7 +103,6 @@ class NearestPrototype:
                 raise ValueError(
                     f"PROTOPRUNE_SEARCH_BACKEND must be auto, faiss or torch: {backend!r}"
                 )
-        self.precision = precision
         self.chunk_rows = chunk_rows
         self._faiss = None
         self._torch = None
@@ -109,6 +110,9 @@ class NearestPrototype:
         if backend == "auto":
             self.backend = auto_backend(use_gpu)
         device = "cuda" if use_gpu and self.backend == "torch" and torch_cuda() else "cpu"
+        if precision == "auto":  # the candidates' product: bf16 where it is fast
+            precision = product_precision(device)
+        self.precision = precision
         if self.backend == "faiss":
             self._faiss = FaissSearch(self.centroids, metric, use_gpu and has_faiss_gpu())
         if self.backend == "torch":
@@ -174,7 +178,7 @@ class TorchTopKSearch:
         self.device = torch.device(device)
         self.k, self.d = centroids.shape
         self.m = min(CANDIDATES, self.k)
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.eps = error_bound(precision, self.d)
         # fp32 accumulation inside the low-precision GEMM and true fp32 in the re-check are
         # set on every call (devices.exact_fp32), not once here: a later global

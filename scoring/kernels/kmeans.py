@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from scoring.errors import BadInput
-from scoring.kernels.devices import cpu_has_bf16, has_faiss_gpu, normalize, torch_cuda
+from scoring.kernels.devices import (
+    cpu_has_bf16,
+    has_faiss_gpu,
+    normalize,
+    product_precision,
+    torch_cuda,
+)
 
 BACKENDS = ("auto", "faiss", "torch")
 
@@ -58,6 +64,7 @@ def fit_kmeans(
     use_gpu: bool = False,
     backend: str = "auto",
     tol: float | None = None,
+    precision: str | None = None,
 ) -> tuple[np.ndarray, float, dict[str, Any]]:
     """k-means on the whole sample with the backend `choose_backend` picks.
 
@@ -76,7 +83,9 @@ def fit_kmeans(
         x = normalize(x)
     name, device = choose_backend(backend, use_gpu)
     if name == "torch":
-        c, obj, stats = fit_kmeans_torch(x, k, iters, metric, seed, device=device, tol=tol)
+        c, obj, stats = fit_kmeans_torch(
+            x, k, iters, metric, seed, device=device, tol=tol, precision=precision
+        )
     else:
         c, obj, stats = _fit_faiss(x, k, iters, metric, seed, device == "cuda", tol)
     stats["requested_backend"] = backend
@@ -131,9 +140,11 @@ def fit_kmeans_torch(
     seed: int,
     device: str = "cuda",
     tol: float | None = None,
+    precision: str | None = None,
 ) -> tuple[np.ndarray, float, dict[str, Any]]:
-    """Lloyd k-means in torch: the assignment product in bf16 (fp32 accumulation), centroid
-    updates in float64 sums, on CUDA or on a CPU (bf16 where native, else fp32).
+    """Lloyd k-means in torch: the assignment product in bf16 (fp32 accumulation) where bf16
+    products are fast (`devices.product_precision`: CUDA, a CPU with AMX), else in fp32;
+    centroid updates in float64 sums; on CUDA or on a CPU.
 
     Same contract as fit_kmeans: exactly `iters` iterations on the whole sample (fewer only
     with `tol`), k distinct sample rows as the seeded initial centroids, spherical (unit
@@ -152,7 +163,10 @@ def fit_kmeans_torch(
     t0 = time.perf_counter()
     n, d = x.shape
     cuda = device != "cpu"
-    low = torch.bfloat16 if cuda or cpu_has_bf16() else torch.float32
+    precision = precision or product_precision(device)  # tests force either
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"k-means precision must be bf16 or fp32, got {precision!r}")
+    low = torch.bfloat16 if precision == "bf16" else torch.float32
     l2 = metric != "cosine"
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
