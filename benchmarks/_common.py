@@ -77,8 +77,27 @@ def bench_dir(name: str, base: str | None = None) -> str:
 
 
 # -- peaks -----------------------------------------------------------------------------------
+def blas_kernels() -> str:
+    """Which kernels each loaded BLAS runs (threadpoolctl), faiss's own OpenBLAS included:
+    faiss-cpu wheels bundle an older OpenBLAS that may not know a recent CPU and fall back to
+    SSE3 kernels ("Prescott"), ~4x slower than its AVX-512 ones (OPENBLAS_CORETYPE=SkylakeX
+    forces those); numpy's OpenBLAS is a separate, newer library."""
+    try:
+        import faiss  # noqa: F401 - loads its BLAS
+        import threadpoolctl
+    except ImportError:
+        return "unknown (threadpoolctl or faiss missing)"
+    libs = [
+        f"{os.path.basename(i['filepath']).split('-')[0]} {i.get('version')}: {i.get('architecture')}"
+        for i in threadpoolctl.threadpool_info()
+        if i.get("internal_api") == "openblas"
+    ]
+    return "; ".join(libs) or "no OpenBLAS loaded"
+
+
 def gemm_peak_fp32(n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of a square fp32 matmul through numpy's BLAS (the one faiss uses), best of reps."""
+    """GFLOP/s of a square fp32 matmul through numpy's BLAS (faiss-cpu bundles its own:
+    `blas_kernels`), best of reps."""
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     b = a.copy()
     a @ b

@@ -28,6 +28,7 @@ from _common import (
     LocalS3,
     TreeMemory,
     bench_dir,
+    blas_kernels,
     gemm_peak_fp32,
     gemm_peak_torch,
     header,
@@ -83,6 +84,25 @@ def bare(paths: list[str], fs, k: int, sample: int, iters: int, keep: float, see
     t["total"] = time.perf_counter() - t0
     assert len(kept) == n_keep
     return t
+
+
+def _bare_child(queue, *args) -> None:
+    queue.put(bare(*args))
+
+
+def bare_in_child(*args) -> dict[str, float]:
+    """`bare(*args)` in a fresh process (spawned: none of this process's memory): so the
+    bare script's peak memory is its own, and protoprune's, measured after it in this
+    process, is not inflated by the bare script's freed-but-kept heap (~4 GiB here)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_bare_child, args=(queue, *args))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
 
 
 def protoprune(inp: str, out: str, k: int, sample: int, iters: int, keep: float, run_id: str):
@@ -143,7 +163,8 @@ def main() -> None:
     print(f"data: {data} ({time.perf_counter() - t0:.0f}s to prepare)")
     p32 = gemm_peak_fp32()
     pbf = gemm_peak_torch("bf16")
-    print(f"GEMM peak: fp32 (numpy/faiss BLAS) {p32:.0f} GFLOP/s, bf16 (torch) {pbf:.0f} GFLOP/s")
+    print(f"GEMM peak: fp32 (numpy's BLAS) {p32:.0f} GFLOP/s, bf16 (torch) {pbf:.0f} GFLOP/s")
+    print(f"OpenBLAS kernels (faiss's own included): {blas_kernels()}")
     flops = 2.0 * args.rows * args.k * args.dim
     counted = args.ray_start == "counted"
     tmp = None
@@ -175,7 +196,7 @@ def main() -> None:
                 paths if where == "local" else [f"{inp[5:]}/{os.path.basename(p)}" for p in paths]
             )
             with TreeMemory() as mb:
-                tb = bare(bpaths, fs, args.k, args.sample, args.iters, args.keep, 0)
+                tb = bare_in_child(bpaths, fs, args.k, args.sample, args.iters, args.keep, 0)
             tb["peak_pss_gib"] = mb.peak_pss / 2**30
             print(
                 f"[{where}] bare:       total {tb['total']:.1f}s ({fmt(tb)}); "
