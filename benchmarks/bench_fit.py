@@ -21,7 +21,6 @@ import time
 import numpy as np
 from _common import clustered_chunk, gemm_peak_fp32, gemm_peak_torch, header, loadavg
 
-from scoring.kernels import kmeans
 from scoring.kernels.devices import normalize
 from scoring.kernels.kmeans import choose_backend, fit_kmeans
 
@@ -47,7 +46,7 @@ def main() -> None:
     ap.add_argument(
         "--torch-fp32",
         action="store_true",
-        help="also the torch Lloyd iterations with fp32 products (what a CPU without bf16 runs)",
+        help="also the torch Lloyd iterations with fp32 products (what a CPU without AMX runs)",
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -71,17 +70,18 @@ def main() -> None:
     x = normalize(clustered_chunk(rng, centers, args.rows, args.noise))
     flop = 2.0 * args.rows * args.k * args.dim * args.iters
     res: dict[str, list[tuple[float, float, float, int]]] = {}
+    # the torch products forced to bf16 (CUDA and AMX CPUs) and, on request, fp32 (other
+    # CPUs: what `auto` runs on them, devices.product_precision)
     runs = ["faiss", "torch"] + (["torch-fp32"] if args.torch_fp32 else [])
     for be in runs:  # faiss first: the baseline
         res[be] = []
-        native = kmeans.cpu_has_bf16
-        if be == "torch-fp32":  # the fp32 products of a CPU without native bf16
-            kmeans.cpu_has_bf16 = lambda: False
+        precision = {"torch": "bf16", "torch-fp32": "fp32"}.get(be)
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             c, reported, st = fit_kmeans(
-                x, args.k, args.iters, "cosine", seed, backend=be.split("-")[0]
-            )
+                x, args.k, args.iters, "cosine", seed, backend=be.split("-")[0],
+                precision=precision,
+            )  # fmt: skip
             secs = time.perf_counter() - t0
             assert st["backend"] == be.split("-")[0] and st["iterations"] == args.iters, st
             res[be].append((secs, reported, objective(x, c), st["iterations"]))
@@ -91,7 +91,6 @@ def main() -> None:
                 f"[{st['precision']}, load {loadavg():.1f}]",
                 flush=True,
             )
-        kmeans.cpu_has_bf16 = native
     f_t = np.array([r[0] for r in res["faiss"]])
     t_t = np.array([r[0] for r in res["torch"]])
     f_o = np.array([r[2] for r in res["faiss"]])
