@@ -52,7 +52,8 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
         "--kmeans-backend",
         "kmeans_backend",
         str,
-        "auto (default: torch bf16 where bf16 is native, CPU or GPU; else faiss) | faiss | torch",
+        "auto (default: torch where bf16 is native, CPU or GPU, its products in bf16 on GPUs and "
+        "AMX CPUs, fp32 elsewhere; else faiss) | faiss | torch",
     ),
     (
         "--kmeans-tol",

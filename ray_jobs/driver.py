@@ -383,11 +383,3 @@ def plan_and_start_ray(r: Run, address: str | None) -> None:
                 if started and ray.is_initialized():
                     ray.shutdown()  # the Ray this run started: nothing left behind
                 raise
-
-
-def write_report_logged(store: Store, selection: str | None = None) -> str | None:
-    """Write report/index.html (of a selection: selections/NAME/report/index.html); a failure
-    is logged, never raised (the run is committed)."""
-    from scoring.report.background import write_logged
-
-    return write_logged(store, selection)

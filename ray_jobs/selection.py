@@ -96,7 +96,7 @@ def select(
     """Write (or resume) selection `name` of the committed run at `run_url`; returns its
     manifest. Unset settings are the run's; `dedup_eps=None` (or "off") selects without
     dedup, also for a rule that deduplicates by default (auto)."""
-    from ray_jobs.driver import write_report_logged
+    from scoring.report.background import write_logged
 
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
         raise BadConfig(
@@ -157,7 +157,7 @@ def select(
     }
     doc["timings_seconds"] = {"select": round(time.perf_counter() - t0, 3)}
     doc = commit.commit_run(sel, doc, prefix) or doc
-    write_report_logged(store, name)
+    write_logged(store, name)
     return doc
 
 

@@ -66,7 +66,7 @@ class RunConfig:
     k: int = 1000
     metric: str = "cosine"
     kmeans_iters: int = 20
-    kmeans_backend: str = "auto"  # auto: torch bf16 where bf16 is native (CPU or CUDA), else faiss
+    kmeans_backend: str = "auto"  # auto: torch where bf16 is native (CPU or CUDA), else faiss
     kmeans_tol: float | None = None  # None: exactly kmeans_iters; else faiss-style early stop
     sample_size: int | None = None  # None: 256 * k (capped at the number of rows)
     seed: int = 0
