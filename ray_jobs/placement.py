@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from scoring.config import RunConfig
+from scoring.embed.base import content_kind
 from scoring.errors import BadConfig
 
 log = logging.getLogger("protoprune")
@@ -90,7 +91,24 @@ def worker_resources(cfg: RunConfig, n_shards: int) -> tuple[int, dict[str, floa
         # An actor that cannot be placed never starts; shards sent to it would wait forever.
         log.warning("--workers %d > %d worker slots in the cluster; using %d", cfg.workers, n, n)
     n = max(1, min(cfg.workers or n, n, n_shards))
+    if g == 0 and cfg.cpus_per_worker is None and content_kind(cfg) == "embedding":
+        c = widest(nodes, n)
     return n, {"num_gpus": g, "num_cpus": c}, g > 0
+
+
+def widest(nodes: list[Node], n: int) -> float:
+    """The most whole CPUs per worker with which the CPU-only cluster still holds `n` workers
+    at once (1 when it holds no more than n one-CPU workers).
+
+    A pool smaller than the cluster (an update that scores one new shard, a run of a few big
+    shards) then uses every core: Ray sets each actor's OMP_NUM_THREADS to its CPUs, which
+    the search's GEMM and top-m, and Arrow's decode, follow. Only for precomputed embeddings,
+    whose scores are the same bytes for any thread count (kernels.canonical); a model's
+    embeddings may round differently with another thread count, so model runs keep 1 CPU."""
+    c = 1
+    while placeable(nodes, 0.0, c + 1) >= n:
+        c += 1
+    return float(c)
 
 
 def gpu_task_share(nodes: list[Node] | None = None) -> float:

@@ -63,11 +63,13 @@ def test_torch_matches_brute_force(metric):
     assert s.stats["canonical_rows"] == len(x)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_near_ties_below_bf16_error_are_resolved(metric):
+def test_near_ties_below_bf16_error_are_resolved(metric, precision):
     """Rows almost equidistant from 2, 3, 4 or 12 prototypes (gaps 1e-5..1e-3, far below the
-    bf16 error bound) get the float64 winner: ties inside the 8 candidates are ordered by the
-    canonical distance of all 8 ("closed"), wider ones searched again in float64."""
+    bf16 error bound) get the float64 winner. bf16: ties inside the 8 candidates are ordered
+    by the canonical distance of all 8 ("closed"), wider ones searched again in float64.
+    fp32 (3 candidates): near-ties of the second and third are searched again in float64."""
     rng = np.random.default_rng(2)
     d, k = 64, 500
     c = unit(rng, k, d)
@@ -81,14 +83,16 @@ def test_near_ties_below_bf16_error_are_resolved(metric):
     x = np.asarray(rows, np.float32)
     if metric == "cosine":
         x = normalize(x)
-    s = NearestPrototype(c, metric, backend="torch", chunk_rows=512)
+    s = NearestPrototype(c, metric, backend="torch", precision=precision, chunk_rows=512)
+    assert s._torch.m == {"bf16": 8, "fp32": 3}[precision]
     got = s.search(x)
     check_exact(x, c, metric, got)
     D = dist64(x, c, metric)
     srt = np.sort(D, axis=1)
     gaps = srt[:, 1] - srt[:, 0]
     assert (gaps[:1200] < error_bound("bf16", d) / 10).mean() > 0.9  # really near-ties
-    assert s.stats["canonical_closed"] > 0  # some were settled among the candidates
+    if precision == "bf16":
+        assert s.stats["canonical_closed"] > 0  # some were settled among the candidates
     assert s.stats["canonical_full"] > 0  # and some needed the float64 search
 
 

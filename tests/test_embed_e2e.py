@@ -204,8 +204,23 @@ def test_worker_resources(ray_local, tmp_path):
     assert worker_resources(cfg, 10) == (1, {"num_gpus": 0.0, "num_cpus": 2}, False)
     assert worker_resources(make_config(dict(base, workers=5)), 3)[0] == 2  # capped: 2 CPUs
     assert worker_resources(make_config(dict(base, workers=2)), 1)[0] == 1  # one shard
+    # fewer shards than CPUs: a worker takes the spare CPUs (precomputed embeddings only)
+    assert worker_resources(make_config(base), 1) == (
+        1,
+        {"num_gpus": 0.0, "num_cpus": 2.0},
+        False,
+    )
+    model = dict(base, image_column="img", model="tests.tiny_cnn:factory")
+    assert worker_resources(make_config(model), 1) == (1, {"num_gpus": 0.0, "num_cpus": 1.0}, False)
     with pytest.raises(ValueError, match="gpus_per_worker = 0.5 but the Ray cluster has no GPU"):
         worker_resources(make_config(dict(base, gpus_per_worker=0.5)), 10)
+
+
+def test_widest():
+    from ray_jobs.placement import Node, widest
+
+    nodes = [Node(8, 0), Node(4, 0)]
+    assert [widest(nodes, n) for n in (1, 2, 3, 4, 6, 12, 20)] == [8, 4, 4, 2, 2, 1, 1]
 
 
 def cli_run(store: Store, tmp_path, *args: str, timeout: int = 120):

@@ -13,7 +13,7 @@ Two candidate backends:
 * ``faiss``: an IndexFlatIP / IndexFlatL2 (faiss-gpu when present and asked for), fp32 top 3.
 * ``torch``: a chunked GEMM (precision "auto": bf16 on CUDA and on CPUs with AMX, fp32 on
   other CPUs, `devices.product_precision`; fp16 for cosine on request) that keeps the top
-  ``CANDIDATES`` prototypes of every row, then an fp32 re-score of those candidates.
+  ``CANDIDATES[precision]`` prototypes of every row, then an fp32 re-score of those candidates.
   A row's nearest is certain when its best fp32 score beats the best possible score of any
   non-candidate (the lowest low-precision candidate score plus the precision's error bound);
   every other row is searched again in full fp32. Every call runs under `devices.exact_fp32`
@@ -56,8 +56,10 @@ from scoring.kernels.flat import FaissSearch, cosine_slack
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = 8  # low-precision top-m kept per row and re-scored exactly (8: ~98% of rows
-# certified on clustered 384-d data, against ~45% with 3; see Canonical.nearest)
+CANDIDATES = {"bf16": 8, "fp16": 8, "fp32": 3}  # top-m kept per row and re-scored exactly.
+# bf16: 8 certify ~98% of rows on clustered 384-d data, against ~45% with 3. fp32's error bound
+# is ~2^16 times smaller: 3 certify all but a few rows per 10^5, and torch's CPU topk costs
+# ~1.6 x more for 8 than for 3 (the search's largest cost at small d; benchmarks/README.md)
 _UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-24}
 
 
@@ -177,7 +179,7 @@ class TorchTopKSearch:
         self.metric = metric
         self.device = torch.device(device)
         self.k, self.d = centroids.shape
-        self.m = min(CANDIDATES, self.k)
+        self.m = min(CANDIDATES[precision], self.k)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.eps = error_bound(precision, self.d)
         # fp32 accumulation inside the low-precision GEMM and true fp32 in the re-check are

@@ -178,7 +178,9 @@ def annotate_range(task: RangeTask) -> RangeResult:
     if ev is not None:
         t = evidence_columns(t, ev)
     out = task.out or task.store
-    out.write_parquet(layout.annotated_key(task.part), t, row_group_size=layout.ROW_GROUP)
+    out.write_parquet(
+        layout.annotated_key(task.part), t, row_group_size=layout.ROW_GROUP, **layout.encoding(t)
+    )
     res = summarize(
         t, survivors(t), task.k, task.rule, task.seed, task.quotas, out, task.part, task.within
     )

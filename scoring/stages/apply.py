@@ -69,7 +69,7 @@ def index_part(task: IndexTask) -> int:
         {layout.SHARD: t[layout.SHARD], **{c: kept[c].take(pos) for c in kept.column_names}}
     )
     t = t.sort_by([(layout.SHARD, "ascending")])
-    task.out.write_parquet(key, t, row_group_size=layout.ROW_GROUP)
+    task.out.write_parquet(key, t, row_group_size=layout.ROW_GROUP, **layout.encoding(t))
     return t.num_rows
 
 

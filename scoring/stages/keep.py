@@ -97,7 +97,7 @@ def write_keep(run_store: Store, part: int, kept: pa.Table, k: int) -> KeepResul
     """Write one keep part (none when empty)."""
     entry = None
     if kept.num_rows:
-        data = parquet_bytes(kept)  # named by its content: encode, hash, then put
+        data = parquet_bytes(kept, **layout.encoding(kept))  # named by its content
         sha = hashlib.sha256(data).hexdigest()
         key = layout.keep_key(part, sha)
         run_store.put_bytes(key, data)

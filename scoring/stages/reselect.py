@@ -82,5 +82,5 @@ def redecide(task: RecountTask, t: pa.Table) -> DedupView:
         sel = cl[unsure] == j
         flags[sel] = exact_flags(x[members], unsure[sel] - rows[0], view.eps)
     got = pa.table({"row": pa.array(unsure, pa.int64()), layout.DUPLICATE: pa.array(flags)})
-    task.out.write_parquet(layout.redecided_key(task.part), got)
+    task.out.write_parquet(layout.redecided_key(task.part), got, **layout.encoding(got))
     return DedupView(view.eps, task.out, view.redecided | {task.part})

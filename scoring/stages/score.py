@@ -129,8 +129,9 @@ def score_shard(
     if cfg.save_embeddings or cfg.effective_dedup_eps is not None:
         emb_sha = write_embeddings(run_store, shard.index, ids, x, order)
     nbytes, sha = run_store.write_parquet(
-        layout.score_key(shard.index), table, row_group_size=layout.ROW_GROUP
-    )
+        layout.score_key(shard.index), table, row_group_size=layout.ROW_GROUP,
+        **layout.encoding(table),
+    )  # fmt: skip
     write_id_hashes(run_store, shard.index, ids)
     secs = time.perf_counter() - t0
     fresh = commit.write_marker(
@@ -170,7 +171,7 @@ def write_embeddings(
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
     t = pa.table({"id": ids.take(pa.array(order)), "embedding": emb})
     _, sha = run_store.write_parquet(
-        layout.embeddings_key(shard_index), t, row_group_size=layout.ROW_GROUP
+        layout.embeddings_key(shard_index), t, row_group_size=layout.ROW_GROUP, **layout.encoding(t)
     )
     return sha
 
@@ -196,4 +197,6 @@ def write_id_hashes(run_store: Store, shard_index: int, ids: pa.Array) -> None:
             "row": pa.array(order.astype(np.int64)),
         }
     )
-    run_store.write_parquet(layout.ids_key(shard_index), t, row_group_size=layout.ROW_GROUP)
+    run_store.write_parquet(
+        layout.ids_key(shard_index), t, row_group_size=layout.ROW_GROUP, **layout.encoding(t)
+    )
