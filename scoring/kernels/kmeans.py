@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from scoring.errors import BadInput
+from scoring.kernels.assign import row_argmax
 from scoring.kernels.devices import (
     cpu_has_bf16,
     has_faiss_gpu,
@@ -216,7 +217,7 @@ def fit_kmeans_torch(
         wT = w.to(low).T.contiguous()
         for a, b in spans:
             xb16 = xlow[a:b] if xlow is not None else (xt[a:b] if not cuda else lowered(xt[a:b]))
-            j = (xb16 @ wT).max(1).indices
+            j = row_argmax(torch, xb16 @ wT)
             labels[a:b] = j
             if cuda:
                 segment_sum(sums, j, xt[a:b])
