@@ -116,36 +116,40 @@ class DuplicateIds:
 
 def duplicate_ids(task: DuplicateIdsTask) -> DuplicateIds:
     """Ids occurring more than once among the ids with lo <= hash < hi, over all shards.
-    Memory: the ids of one hash range."""
+    Memory: the hashes of one hash range. Only the hash column is read; the ids and rows of
+    the few rows whose hash repeats are read after (a collision or a duplicate)."""
     lo, hi = task.lo, task.hi
-    parts = []
+    hashes, where = [], []  # per shard read: its hashes in the range; (shard, pf, groups, rows)
     for s in task.shards:
         pf = task.store.parquet_file(layout.ids_key(s))
         groups = groups_overlapping(pf, "hash", lo, hi)
         if not groups:
             continue
-        t = read_groups(pf, groups)
-        h = t["hash"].to_numpy()
+        h = read_groups(pf, groups, ["hash"])["hash"].to_numpy()
         m = h >= np.uint64(lo)
         if hi < 2**64:
             m &= h < np.uint64(hi)
-        t = t.filter(pa.array(m))
-        parts.append(t.append_column("shard", pa.array(np.full(t.num_rows, s, np.int64))))
-    if not parts:
+        rows = np.flatnonzero(m)
+        hashes.append(h[rows])
+        where.append((s, pf, groups, rows))
+    if not hashes:
         return DuplicateIds()
-    t = pa.concat_tables(parts)
-    h = t["hash"].to_numpy()
-    order = np.argsort(h, kind="stable")
+    h = np.concatenate(hashes)
+    order = np.argsort(h, kind="stable")  # sorted runs, one per shard: a merge
     hs = h[order]
     same = np.nonzero(hs[1:] == hs[:-1])[0]
     if len(same) == 0:
         return DuplicateIds()
     # rows whose hash occurs more than once; compare the ids themselves (hash collisions)
     cand = np.unique(np.concatenate([order[same], order[same + 1]]))
-    sub = t.take(pa.array(cand)).to_pydict()
+    start = np.cumsum([0] + [len(x) for x in hashes])
+    part = np.searchsorted(start, cand, side="right") - 1
     groups: dict[Any, list[list[int]]] = {}
-    for i, sh, r in zip(sub["id"], sub["shard"], sub["row"]):
-        groups.setdefault(i, []).append([int(sh), int(r)])
+    for j in np.unique(part):
+        s, pf, g, rows = where[j]
+        t = read_groups(pf, g, ["id", "row"]).take(pa.array(rows[cand[part == j] - start[j]]))
+        for i, r in zip(t["id"].to_pylist(), t["row"].to_pylist()):
+            groups.setdefault(i, []).append([int(s), int(r)])
     dups = [(i, sorted(w)) for i, w in groups.items() if len(w) > 1]
     dups.sort(key=lambda d: (d[1][0], str(d[0])))
     return DuplicateIds(len(dups), [{"id": i, "where": w} for i, w in dups[: task.limit]])
