@@ -41,6 +41,7 @@ import numpy as np
 
 U = 2.0**-53  # float64 unit roundoff
 CHUNK = 256  # rows per float64 pass (float64 temporaries stay in the L2 cache)
+CHUNK_VALUES = 1 << 16  # ... or more rows, up to this many float64 values (512 KB) a pass
 DEVICE_CELLS = 1 << 27  # rows x prototypes per float64 pass on a CUDA device (1 GiB a matrix)
 _PREC = 360  # decimal digits of the exact path: every float32 product and sum exactly
 
@@ -75,14 +76,15 @@ class Canonical:
         flat = js.ndim == 1
         js = js.reshape(len(rows), -1)
         out = np.empty(js.shape, np.float32)
-        for a in range(0, len(rows), CHUNK):
-            xb = np.asarray(x[rows[a : a + CHUNK]], np.float64)
+        step = max(CHUNK, CHUNK_VALUES // max(1, self.d))  # fewer Python steps at small d
+        for a in range(0, len(rows), step):
+            xb = np.asarray(x[rows[a : a + step]], np.float64)
             nx = None
             if self.metric == "cosine":
                 xx = np.einsum("ij,ij->i", xb, xb)
                 nx = np.sqrt(xx)
             for t in range(js.shape[1]):
-                out[a : a + CHUNK, t] = self._column(xb, nx, js[a : a + CHUNK, t])
+                out[a : a + step, t] = self._column(xb, nx, js[a : a + step, t])
         return out[:, 0] if flat else out
 
     def _column(self, xb: np.ndarray, nx: np.ndarray | None, j: np.ndarray) -> np.ndarray:
