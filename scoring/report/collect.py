@@ -196,8 +196,9 @@ def _collect_kept(store: Store, data: ReportData, man: dict[str, Any], max_rows:
             # out-of-range values (sampled score files) go to the edge bins
             hist += np.histogram(np.clip(d, edges[0], edges[-1]), bins=edges)[0]
             read += len(d)
-            if k:
-                np.minimum.at(cut, t[CLUSTER].to_numpy(zero_copy_only=False), d)
+            if k:  # same dtypes as `cut`: ufunc.at's casting loop was 7x slower (0.38 s)
+                cl = t[CLUSTER].to_numpy(zero_copy_only=False).astype(np.intp)
+                np.minimum.at(cut, cl, d.astype(np.float64))
     rows_kept = int(man.get("rows_kept", read))
     data.hist_kept = hist * (rows_kept / max(read, 1))
     # a rule that keeps the hardest rows of each cluster has a per-cluster cut: the smallest
