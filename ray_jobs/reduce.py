@@ -1,7 +1,7 @@
 """The reduce: committed score shards -> one exact global keep list and the manifest.
 
 Passes, each a bounded map over Ray tasks of `scoring.stages` functions:
-duplicate ids (by id-hash range) -> stats (groups of shards) -> percentile refinement ->
+duplicate ids (by id-hash range) and stats (groups of shards), one map -> percentile refinement ->
 annotate (cluster ranges: percentile, dedup evidence; a per-cluster rule without dedup keeps
 here too) -> quotas (per-cluster rules) or the radix select (global rules) -> keep (per part).
 Memory is bounded by the largest cluster range, never by N (DESIGN §5).
@@ -50,15 +50,20 @@ def reduce(
     # (docs/architecture.md, "Concurrent drivers"); parts no committed manifest lists go
     # after the commit (commit.commit_run)
     clock = _Clock()
-    if reuse is None:  # a selection's run has passed this check
-        check_duplicate_ids(run, idx, par)
-    clock("duplicate ids")
-
+    # one map over the duplicate-id ranges (a selection's run has passed that check) and the
+    # stats groups: neither pass waits for the other's last task
+    dup_tasks = duplicate_id_tasks(run, idx, par) if reuse is None else []
     groups = stats.shard_groups(idx, 2 * par)
-    tasks = [stats.StatsTask(store, g, k) for g in groups]
-    st = sum(
-        sch.map_tasks(stats.group_stats, tasks, par, "reduce: stats", quiet), stats.Stats.zero(k)
-    )
+    tasks = [*dup_tasks, *(stats.StatsTask(store, g, k) for g in groups)]
+    st, dups = stats.Stats.zero(k), []
+    for got in sch.map_tasks(stats.first_pass, tasks, par, "reduce: stats", quiet):
+        if isinstance(got, stats.DuplicateIds):
+            dups.append(got)
+        else:
+            st = st + got
+    if reuse is None:
+        check_duplicate_ids(run, dups)
+    clock("duplicate ids + stats")
     n = int(st.counts.sum())
     assert n == run.n_rows, f"scores hold {n} rows, the input {run.n_rows}"
     n_keep = cfg.n_keep(n)
@@ -276,16 +281,19 @@ def global_threshold(
     return search.result, search.passes
 
 
-def check_duplicate_ids(run, idx: list[int], par: int) -> None:
-    """Find ids that occur more than once, by hash range: each task reads one range of the
-    per-shard sorted id hashes (ids/shard-N.parquet) from every shard, so memory is bounded
-    by the range, not by N. Fails the run naming the ids and where they occur."""
-    # like the cluster ranges: at least one hash range per task in flight
+def duplicate_id_tasks(run, idx: list[int], par: int) -> list[stats.DuplicateIdsTask]:
+    """The duplicate-id check by hash range: each task reads one range of the per-shard sorted
+    id hashes (ids/shard-N.parquet) from every shard, so memory is bounded by the range, not
+    by N; like the cluster ranges, at least one range per task in flight."""
     ranges = stats.hash_ranges(run.n_rows, min(annotate.RANGE_ROWS, max(1, -(-run.n_rows // par))))
-    tasks = [stats.DuplicateIdsTask(run.store, idx, lo, hi) for lo, hi in ranges]
+    return [stats.DuplicateIdsTask(run.store, idx, lo, hi) for lo, hi in ranges]
+
+
+def check_duplicate_ids(run, results: list[stats.DuplicateIds]) -> None:
+    """Fail the run naming the ids that occur more than once and where they occur."""
     total = 0
     examples: list[dict[str, Any]] = []
-    for got in sch.map_tasks(stats.duplicate_ids, tasks, par):
+    for got in results:
         total += got.count
         examples.extend(got.examples)
     if not total:

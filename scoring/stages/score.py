@@ -63,10 +63,14 @@ def check_finite(x: np.ndarray, ids: pa.Array, where: str, column: str) -> None:
 
 
 def scores_table(
-    ids: pa.Array, cluster: np.ndarray, dist: np.ndarray, second: np.ndarray
+    ids: pa.Array,
+    cluster: np.ndarray,
+    dist: np.ndarray,
+    second: np.ndarray,
+    order: np.ndarray | None = None,
 ) -> pa.Table:
-    """The score table of a shard, sorted by cluster (stable)."""
-    order = np.argsort(cluster, kind="stable")
+    """The score table of a shard, sorted by cluster (stable; `order`: that sort, if known)."""
+    order = np.argsort(cluster, kind="stable") if order is None else order
     dist = dist + np.float32(0.0)  # fold -0.0 into 0.0
     margin = (second - dist).astype(np.float32)
     return pa.table(
@@ -118,9 +122,9 @@ def score_shard(
     cluster, dist, second = searcher.search(x)
     if cfg.metric == "cosine" and (cfg.save_embeddings or cfg.effective_dedup_eps is not None):
         x = normalize(x)
-    table = scores_table(ids, cluster, dist, second)
     # issue 6: labels and embeddings, in exactly the score file's row order and row groups
     order = np.argsort(cluster, kind="stable")
+    table = scores_table(ids, cluster, dist, second, order)
     if cfg.label_column:
         table = table.append_column(
             layout.LABEL, read_labels(cfg, in_store, shard).take(pa.array(order))

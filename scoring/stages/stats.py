@@ -114,6 +114,14 @@ class DuplicateIds:
     examples: list[dict[str, Any]] = field(default_factory=list)  # {"id", "where": [[shard, row]]}
 
 
+def first_pass(task: StatsTask | DuplicateIdsTask) -> Stats | DuplicateIds:
+    """The reduce's first pass, one map over both kinds of task: a shard group's stats or a
+    hash range's duplicate ids."""
+    if isinstance(task, DuplicateIdsTask):
+        return duplicate_ids(task)
+    return group_stats(task)
+
+
 def duplicate_ids(task: DuplicateIdsTask) -> DuplicateIds:
     """Ids occurring more than once among the ids with lo <= hash < hi, over all shards.
     Memory: the hashes of one hash range. Only the hash column is read; the ids and rows of
