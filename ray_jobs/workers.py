@@ -22,13 +22,20 @@ from scoring.storage import Store
 log = logging.getLogger(__name__)
 
 
-def warm_search_backend(use_gpu: bool) -> None:
-    """Import the search backend's library now (torch: 1-2 s), while the actor starts up
-    beside the driver's other work, not when the first shard is waiting for it."""
+def warm_search_backend(use_gpu: bool) -> threading.Thread:
+    """Import the search backend's library (torch: 1-2 s) on a thread, now: the actor is
+    ready at once, and its first call reads its shard (Arrow decodes without the GIL) while
+    the import runs, instead of after it. The search's own import waits for this one
+    (Python's import lock), so nothing is imported twice."""
     from scoring.kernels.assign import auto_backend
 
-    if auto_backend(use_gpu) == "torch":
-        import torch  # noqa: F401
+    def load() -> None:
+        if auto_backend(use_gpu) == "torch":
+            import torch  # noqa: F401
+
+    t = threading.Thread(target=load, name="warm-search-backend", daemon=True)
+    t.start()
+    return t
 
 
 class ShardWorker:
