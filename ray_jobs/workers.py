@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -12,11 +13,12 @@ import numpy as np
 import ray
 
 from scoring.config import RunConfig
+from scoring.embed.base import content_kind
 from scoring.errors import first_line
 from scoring.inputs.parquet import Shard
 from scoring.stages import sample as sample_stage
 from scoring.stages.fit import FitResult, fit_prototypes
-from scoring.stages.score import ShardSummary, score_shard
+from scoring.stages.score import ShardSummary, embedding_batches, score_shard
 from scoring.storage import Store
 
 log = logging.getLogger(__name__)
@@ -115,8 +117,14 @@ class ShardWorker:
         delay = float(os.environ.get("PROTOPRUNE_FAULT_SHARD_DELAY_S", "0") or 0)
         if delay > 0:  # fault-injection knob for tests: widen the window to kill a worker
             time.sleep(delay)
+        batches = None
         if cached is not None:
             table = self.source.read(shard, [self.cfg.id_column])
+        elif content_kind(self.cfg) == "embedding":
+            # outside the lock: the ids and the first batch; the rest is read under the lock,
+            # each batch while the one before is searched (stages.score.embedding_batches)
+            batches = embedding_batches(self.cfg, self.in_store, shard)
+            first = next(batches)
         else:
             table = self.source.read(shard)  # prefetch: outside the lock
         with self.lock:
@@ -131,6 +139,10 @@ class ShardWorker:
 
                 def source(_s: Shard):
                     return ids, x
+            elif batches is not None:
+
+                def source(_s: Shard):
+                    return itertools.chain([first], batches)
             else:
 
                 def source(s: Shard):

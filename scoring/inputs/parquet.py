@@ -126,22 +126,46 @@ def read_shard(store: Store, shard: Shard, columns: list[str], pf=None):
     try:
         return read_groups(pf, shard.row_groups, columns)
     finally:
-        try:
-            pf.reader.close()
-        except Exception:  # noqa: BLE001
-            pass
-        if getattr(pf, "ranged_file", None) is not None:
-            pf.ranged_file.close()  # drops the fetched bytes
+        close_file(pf)
+
+
+def close_file(pf) -> None:
+    """Close a `Store.parquet_file` (and drop an object store's fetched bytes)."""
+    try:
+        pf.reader.close()
+    except Exception:  # noqa: BLE001
+        pass
+    if getattr(pf, "ranged_file", None) is not None:
+        pf.ranged_file.close()
+
+
+def check_columns(pf, columns: list[str], where: str) -> None:
+    """A one-line error naming the first of `columns` the file does not have."""
+    names = pf.schema_arrow.names
+    for c in columns:
+        if c not in names:
+            raise BadInput(f"{where}: column '{c}' not found (columns: {', '.join(names)})")
 
 
 def read_shard_columns(store: Store, shard: Shard, columns: list[str], where: str, pf=None):
     """The shard's columns (each checked to exist); `pf`: its opened ParquetFile, if any."""
     pf = pf if pf is not None else store.parquet_file(shard.file)
-    names = pf.schema_arrow.names
-    for c in columns:
-        if c not in names:
-            raise BadInput(f"{where}: column '{c}' not found (columns: {', '.join(names)})")
+    check_columns(pf, columns, where)
     return read_shard(store, shard, columns, pf)
+
+
+def row_group_batches(pf, row_groups, rows: int) -> list[list[int]]:
+    """`row_groups` in order, cut into runs of whole row groups of at least `rows` rows (the
+    last may hold fewer); at least one run."""
+    out: list[list[int]] = [[]]
+    n = 0
+    for g in row_groups:
+        if n >= rows:
+            out.append([])
+            n = 0
+        out[-1].append(g)
+        n += pf.metadata.row_group(g).num_rows
+    return out
 
 
 def prefetch_groups(pf, row_groups, columns: list[str] | None = None) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -18,13 +20,23 @@ import pyarrow as pa
 from scoring import commit, layout
 from scoring.config import RunConfig
 from scoring.errors import BadInput
-from scoring.inputs.parquet import Shard, embedding_matrix, read_shard_columns
+from scoring.inputs.parquet import (
+    Shard,
+    check_columns,
+    close_file,
+    embedding_matrix,
+    read_groups,
+    read_shard_columns,
+    row_group_batches,
+)
 from scoring.kernels.assign import NearestPrototype
 from scoring.kernels.devices import normalize
 from scoring.kernels.radix import random_key
 from scoring.storage import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -35,11 +47,53 @@ class ShardSummary:
     sha256: str
 
 
-def load_embeddings(cfg: RunConfig, in_store: Store, shard: Shard, pf=None):
-    """(ids as pyarrow Array, float32 [n, d] embeddings) of a shard, validated."""
+BATCH_ROWS = 1 << 17  # rows per read of a shard's precomputed embeddings (whole row groups)
+
+
+def embedding_batches(
+    cfg: RunConfig, in_store: Store, shard: Shard
+) -> Iterator[tuple[pa.Array, np.ndarray]]:
+    """(ids, float32 [n, d]) of a shard in batches of whole row groups (~BATCH_ROWS rows, at
+    least one batch), so that `score_shard` searches one batch while the next is read and
+    decoded. Validated as one shard: the ids whole first (null count); a batch that fails
+    (nulls, widths, types), or whose width differs from the first's, has the whole column
+    checked instead, so the message is the shard's (counts and row numbers over the shard);
+    a NaN's first row is the first batch's that has one."""
     where = f"{in_store.uri(shard.file)} (shard {shard.index})"
-    cols = [cfg.id_column, cfg.embedding_column]
-    return table_embeddings(cfg, read_shard_columns(in_store, shard, cols, where, pf), where)
+    col = cfg.embedding_column
+    pf = in_store.parquet_file(shard.file)
+    try:
+        check_columns(pf, [cfg.id_column, col], where)
+        ids = read_groups(pf, shard.row_groups, [cfg.id_column])[cfg.id_column].combine_chunks()
+        if ids.null_count:
+            raise BadInput(f"{where}: column '{cfg.id_column}' has {ids.null_count} null id(s)")
+        start, width = 0, None
+        for part in row_group_batches(pf, shard.row_groups, BATCH_ROWS):
+            try:
+                x = embedding_matrix(read_groups(pf, part, [col])[col], where, col)
+                if width is not None and x.shape[1] != width:
+                    raise BadInput(f"{where}: column '{col}': widths differ between row groups")
+            except BadInput:  # the shard's own message, from the whole column
+                embedding_matrix(read_groups(pf, shard.row_groups, [col])[col], where, col)
+                raise
+            width = x.shape[1]
+            ids_b = ids.slice(start, len(x))
+            start += len(x)
+            check_finite(x, ids_b, where, col)
+            yield ids_b, x
+    finally:
+        close_file(pf)
+
+
+def prefetched(items: Iterable[T]) -> Iterator[T]:
+    """`items`, each next one produced on a thread while the caller works on the current one
+    (a batch is read and decoded while the previous one is searched)."""
+    it = iter(items)
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as ex:
+        nxt = ex.submit(next, it, _END)
+        while (cur := nxt.result()) is not _END:
+            nxt = ex.submit(next, it, _END)
+            yield cur
 
 
 def table_embeddings(cfg: RunConfig, table: pa.Table, where: str):
@@ -95,8 +149,10 @@ def score_shard(
 ) -> ShardSummary:
     """Score one shard and commit it: data first (scores, id hashes), marker last.
 
-    `source(shard) -> (ids, x)` embeds the shard (a scoring.embed.ShardEmbedder, or a closure
-    over prefetched data); None reads the precomputed embedding column.
+    `source(shard) -> (ids, x)`, or an iterator of such batches, embeds the shard (a
+    scoring.embed.ShardEmbedder, or a closure over prefetched data); None reads the
+    precomputed embedding column in batches (`embedding_batches`), each next batch read
+    while the current one is searched.
 
     A shard whose marker already names these prototypes is committed: its files are not
     rewritten (a retry or a resumed run returns at once). The marker is create-only, so of two
@@ -108,19 +164,27 @@ def score_shard(
         if old.get("prototypes_sha256") == prototypes_sha:
             log.info("shard %d is already committed; not rewritten", shard.index)
             return ShardSummary(shard.index, int(old.get("rows", 0)), 0.0, old.get("sha256", ""))
-    ids, x = source(shard) if source is not None else load_embeddings(cfg, in_store, shard)
-    if x.shape[1] != searcher.d:
-        raise BadInput(
-            f"{in_store.uri(shard.file)} (shard {shard.index}): column "
-            f"'{cfg.text_column or cfg.image_column or cfg.embedding_column}' "
-            f"has width {x.shape[1]}, the prototypes "
-            f"have {searcher.d}"
-        )
+    got = source(shard) if source is not None else embedding_batches(cfg, in_store, shard)
+    keep_x = cfg.save_embeddings or cfg.effective_dedup_eps is not None
+    id_parts, x_parts, found = [], [], []
+    # the search is row by row (kernels.canonical): batches give the bytes of one whole search
+    for ids_b, x_b in prefetched([got] if isinstance(got, tuple) else got):
+        if x_b.shape[1] != searcher.d:
+            raise BadInput(
+                f"{in_store.uri(shard.file)} (shard {shard.index}): column "
+                f"'{cfg.text_column or cfg.image_column or cfg.embedding_column}' "
+                f"has width {x_b.shape[1]}, the prototypes have {searcher.d}"
+            )
+        found.append(searcher.search(x_b))
+        id_parts.append(ids_b)
+        x_parts.append(x_b if keep_x else None)
+    ids = id_parts[0] if len(id_parts) == 1 else pa.concat_arrays(id_parts)
+    cluster, dist, second = (np.concatenate([f[i] for f in found]) for i in range(3))
     # The distances are the canonical ones of the stored rows (kernels.canonical), so they do
     # not depend on whether the embeddings are saved; unit rows (an n x d copy) are made only
     # when they are (dedup compares them).
-    cluster, dist, second = searcher.search(x)
-    if cfg.metric == "cosine" and (cfg.save_embeddings or cfg.effective_dedup_eps is not None):
+    x = (x_parts[0] if len(x_parts) == 1 else np.concatenate(x_parts)) if keep_x else None
+    if cfg.metric == "cosine" and keep_x:
         x = normalize(x)
     # issue 6: labels and embeddings, in exactly the score file's row order and row groups
     order = np.argsort(cluster, kind="stable")
