@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = {"bf16": 8, "fp16": 8, "fp32": 3}  # top-m kept per row and re-scored exactly.
 # bf16: 8 certify ~98% of rows on clustered 384-d data, against ~45% with 3. fp32's error bound
-# is ~2^16 times smaller: 3 certify all but a few rows per 10^5, and torch's CPU topk costs
-# ~1.6 x more for 8 than for 3 (the search's largest cost at small d; benchmarks/README.md)
+# is ~2^16 times smaller: 3 certify all but ~8 rows in 10^4 (searched again in float64), and a
+# top 3 costs about half a top 8 (`top_m`: m passes over the score block)
 _UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-24}
 
 
@@ -336,8 +336,8 @@ def top_m(torch, s, m: int):
     over blocks of 256 rows that stay in cache: ~3x faster than torch's CPU topk at m = 3, k =
     1000 (10^6 rows: 0.98 s against 2.8 s on one core; torch's per-row topk, and its max with
     indices, cost ~1.6 µs a row), ~1.6x at m = 8. Single-threaded: two threads on row blocks
-    ran slower on 2 cores. Any correct top m will do (the
-    canonical step decides). `s`, a score block used once, is overwritten."""
+    ran slower on 2 cores. Any correct top m will do (the canonical step decides). `s`, a
+    score block used once, is overwritten."""
     if s.device.type != "cpu":
         v, j = s.topk(m, dim=1)
         return v.float(), j
