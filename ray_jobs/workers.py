@@ -24,7 +24,7 @@ from scoring.storage import Store
 log = logging.getLogger(__name__)
 
 
-def warm_search_backend(use_gpu: bool) -> threading.Thread:
+def warm_search_backend(use_gpu: bool) -> None:
     """Import the search backend's library (torch: 1-2 s) on a thread, now: the actor is
     ready at once, and its first call reads its shard (Arrow decodes without the GIL) while
     the import runs, instead of after it. The search's own import waits for this one
@@ -35,9 +35,7 @@ def warm_search_backend(use_gpu: bool) -> threading.Thread:
         if auto_backend(use_gpu) == "torch":
             import torch  # noqa: F401
 
-    t = threading.Thread(target=load, name="warm-search-backend", daemon=True)
-    t.start()
-    return t
+    threading.Thread(target=load, name="warm-search-backend", daemon=True).start()
 
 
 class ShardWorker:

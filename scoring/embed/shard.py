@@ -15,7 +15,7 @@ from scoring.config import RunConfig
 from scoring.embed.base import content_column, row_label
 from scoring.embed.registry import load_embedder
 from scoring.errors import BadInput
-from scoring.inputs.parquet import Shard, read_shard_columns
+from scoring.inputs.parquet import Shard, check_ids, read_shard_columns
 from scoring.storage import Store
 
 
@@ -38,11 +38,7 @@ class ShardEmbedder:
         where = self.where(shard)
         cols = columns or [self.cfg.id_column, self.column]
         table = read_shard_columns(self.in_store, shard, cols, where, pf)
-        ids = table[self.cfg.id_column]
-        if ids.null_count:
-            raise BadInput(
-                f"{where}: column '{self.cfg.id_column}' has {ids.null_count} null id(s)"
-            )
+        check_ids(table[self.cfg.id_column], where, self.cfg.id_column)
         return table
 
     def embed(

@@ -139,6 +139,12 @@ def close_file(pf) -> None:
         pf.ranged_file.close()
 
 
+def check_ids(ids, where: str, column: str) -> None:
+    """A one-line error when the id column has nulls (their count)."""
+    if ids.null_count:
+        raise BadInput(f"{where}: column '{column}' has {ids.null_count} null id(s)")
+
+
 def check_columns(pf, columns: list[str], where: str) -> None:
     """A one-line error naming the first of `columns` the file does not have."""
     names = pf.schema_arrow.names

@@ -341,7 +341,7 @@ def top_m(torch, s, m: int):
     if s.device.type != "cpu":
         v, j = s.topk(m, dim=1)
         return v.float(), j
-    a = s.numpy() if s.dtype == torch.float32 else s.float().numpy()
+    a = _host_fp32(torch, s)
     vs = np.empty((len(a), m), np.float32)
     js = np.empty((len(a), m), np.int64)
     for p in range(0, len(a), 256):  # ~1 MB at k = 1000: the m passes read it from cache
@@ -360,8 +360,12 @@ def row_argmax(torch, s):
     CPU (~6x torch's max(1) there), torch's on a GPU."""
     if s.device.type != "cpu":
         return s.max(1).indices
-    a = s.numpy() if s.dtype == torch.float32 else s.float().numpy()
-    return torch.from_numpy(np.argmax(a, axis=1))
+    return torch.from_numpy(np.argmax(_host_fp32(torch, s), axis=1))
+
+
+def _host_fp32(torch, s) -> np.ndarray:
+    """A CPU score block as a float32 numpy array (a view when it is float32 already)."""
+    return s.numpy() if s.dtype == torch.float32 else s.float().numpy()
 
 
 def _order_desc(torch, ex, cand):

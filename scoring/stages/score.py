@@ -23,6 +23,7 @@ from scoring.errors import BadInput
 from scoring.inputs.parquet import (
     Shard,
     check_columns,
+    check_ids,
     close_file,
     embedding_matrix,
     read_groups,
@@ -65,8 +66,7 @@ def embedding_batches(
     try:
         check_columns(pf, [cfg.id_column, col], where)
         ids = read_groups(pf, shard.row_groups, [cfg.id_column])[cfg.id_column].combine_chunks()
-        if ids.null_count:
-            raise BadInput(f"{where}: column '{cfg.id_column}' has {ids.null_count} null id(s)")
+        check_ids(ids, where, cfg.id_column)
         start, width = 0, None
         for part in row_group_batches(pf, shard.row_groups, BATCH_ROWS):
             try:
@@ -99,8 +99,7 @@ def prefetched(items: Iterable[T]) -> Iterator[T]:
 def table_embeddings(cfg: RunConfig, table: pa.Table, where: str):
     """(ids, float32 [n, d]) of a table read from the input, validated."""
     ids = table[cfg.id_column].combine_chunks()
-    if ids.null_count:
-        raise BadInput(f"{where}: column '{cfg.id_column}' has {ids.null_count} null id(s)")
+    check_ids(ids, where, cfg.id_column)
     x = embedding_matrix(table[cfg.embedding_column], where, cfg.embedding_column)
     check_finite(x, ids, where, cfg.embedding_column)
     return ids, x
@@ -194,7 +193,7 @@ def score_shard(
             layout.LABEL, read_labels(cfg, in_store, shard).take(pa.array(order))
         )
     emb_sha = None
-    if cfg.save_embeddings or cfg.effective_dedup_eps is not None:
+    if keep_x:
         emb_sha = write_embeddings(run_store, shard.index, ids, x, order)
     nbytes, sha = run_store.write_parquet(
         layout.score_key(shard.index), table, row_group_size=layout.ROW_GROUP,
