@@ -63,11 +63,39 @@ def test_batches_write_the_bytes_of_one_read(tmp_path, monkeypatch, metric):
     got = pa.concat_tables(
         [run.read_parquet(k) for k in sorted(run.list(layout.SCORES, suffix=".parquet"))]
     ).sort_by("id")
-    c = clustered(7, 16, 7, seed=9)
+    c, raw = clustered(7, 16, 7, seed=9), x
     if metric == "cosine":  # the reference takes unit rows for cosine
         x, c = normalize(x), normalize(c)
     cl, _ = brute_force_nearest(x, c, metric)
     np.testing.assert_array_equal(got["cluster"].to_numpy(), cl)
+    # the saved embeddings: each score file's rows, in its order, as searched (unit rows for
+    # cosine), one file per shard, with the score file's row groups
+    for key in sorted(run.list(layout.SCORES, suffix=".parquet")):
+        sf = pq.ParquetFile(run.path(key))
+        ef = pq.ParquetFile(run.path(key.replace(layout.SCORES, layout.EMBEDDINGS, 1)))
+        assert ef.metadata.num_row_groups == sf.metadata.num_row_groups
+        ids = sf.read(columns=["id"])["id"].to_numpy()
+        e = ef.read()
+        assert e["id"].to_numpy().tolist() == ids.tolist()
+        want = raw[ids // 3].astype(np.float64)  # ids are 3 x the input row
+        if metric == "cosine":
+            want /= np.linalg.norm(want, axis=1, keepdims=True)
+        got_x = np.stack(e["embedding"].to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(got_x, want, rtol=1e-6, atol=1e-7)
+
+
+def test_sorted_rows_is_one_normalised_gather():
+    """score.sorted_rows scatters batches into one array: the bytes of normalising the whole
+    shard, then taking it in order (the embeddings file's contract)."""
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(size=(n, 12)).astype(np.float32) * 5 for n in (7, 1, 30, 0, 12)]
+    parts[2][4] = 0  # a zero row stays zero
+    order = rng.permutation(50)
+    whole = np.concatenate(parts)
+    for unit in (True, False):
+        got = score.sorted_rows(parts, order, unit)
+        want = (normalize(whole) if unit else whole)[order]
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
 
 
 def test_row_group_batches():

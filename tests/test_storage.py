@@ -107,6 +107,39 @@ def test_local_writes_are_atomic(tmp_path, monkeypatch):
     assert store.get_bytes("f.bin") == b"new"
 
 
+def test_write_parquet_size_and_hash_are_the_bytes_written(store):
+    """Local stores encode straight into the temp file and hash on the way; object stores PUT
+    the encoded bytes: both report the size and sha256 of exactly the stored object, which is
+    pyarrow's encoding of the table."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scoring.storage import parquet_bytes
+
+    t = pa.table({"id": list(range(1000)), "x": [float(i) / 7 for i in range(1000)]})
+    size, sha = store.write_parquet("p/t.parquet", t, row_group_size=300)
+    data = store.get_bytes("p/t.parquet")
+    assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
+    assert data == parquet_bytes(t, row_group_size=300)
+    assert pq.ParquetFile(pa.BufferReader(data)).metadata.num_row_groups == 4
+    assert store.list() == ["p/t.parquet"]
+
+
+def test_failed_local_parquet_write_leaves_the_old_file(tmp_path):
+    import pyarrow as pa
+
+    store = Store(str(tmp_path))
+    good = pa.table({"a": [1, 2]})
+    store.write_parquet("t.parquet", good)
+    old = store.get_bytes("t.parquet")
+    with pytest.raises(Exception, match="nope"):  # an option pyarrow refuses, mid-encode
+        store.write_parquet("t.parquet", good, compression="nope")
+    assert store.get_bytes("t.parquet") == old
+    assert store.list() == ["t.parquet"]  # the failed attempt's temp file is gone
+
+
 def test_local_put_if_absent_leaves_no_temp_files(tmp_path):
     store = Store(str(tmp_path))
     assert store.put_if_absent("m.json", b"1")
