@@ -167,3 +167,37 @@ def test_top_m_and_row_argmax_on_the_cpu(dtype):
         v, j = top_m(torch, t.clone(), m)
         np.testing.assert_array_equal(j.numpy(), order[:, :m])
         np.testing.assert_array_equal(v.numpy(), np.take_along_axis(s, order[:, :m], 1))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_row_ranges_on_threads_write_the_same_bytes(metric, monkeypatch):
+    """With torch allowed 2 threads on the CPU, search cuts the rows into ranges searched on
+    2 threads (one-thread products each): the same bytes as one thread, exact against float64,
+    each row counted once; torch's thread count comes back."""
+    import torch
+
+    from scoring.kernels import assign
+
+    rng = np.random.default_rng(4)
+    centers = rng.normal(size=(200, 32)).astype(np.float32)
+    x = centers[rng.integers(0, 200, 9000)] + 0.7 * rng.normal(size=(9000, 32)).astype(np.float32)
+    c = centers + 0.1 * rng.normal(size=centers.shape).astype(np.float32)
+    c = normalize(c) if metric == "cosine" else c  # prototypes are unit rows for cosine
+    monkeypatch.setattr(assign, "ROW_RANGE_MIN", 1000)  # 9 ranges
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = NearestPrototype(c, metric, backend="torch", precision="fp32")
+        assert one._row_threads(len(x)) == 1
+        ref = one.search(x)
+        torch.set_num_threads(2)
+        two = NearestPrototype(c, metric, backend="torch", precision="fp32")
+        assert two._row_threads(len(x)) == 2
+        got = two.search(x)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(ref, got):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    check_exact(normalize(x) if metric == "cosine" else x, c, metric, got, tol=1e-5)
+    assert two.stats["rows"] == two.stats["canonical_rows"] == len(x)

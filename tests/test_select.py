@@ -17,6 +17,7 @@ from scoring.kernels.radix import (
     keep_mask,
     key_histogram,
     random_key,
+    rank_order,
 )
 from tests.helpers import ref_hash, reference_keep
 
@@ -239,3 +240,24 @@ def test_balanced_exact_over_cluster_ranges(id_kind, max_rows):
             kept.extend(sel["id"].to_pylist())
         assert len(kept) == len(set(kept)) == n_keep
         assert set(kept) == reference_keep(ids, cluster, dist, "balanced", n_keep)
+
+
+@pytest.mark.parametrize("id_kind", ["int", "str"])
+def test_rank_order_is_cluster_then_hardest_then_id(id_kind):
+    """radix.rank_order (a packed-key argsort plus an id sort inside equal keys) against
+    Python's sort of (cluster, -distance, id), with many exact ties, -0.0 equal to 0.0, and
+    clusters in runs as concatenated shards give them."""
+    rng = np.random.default_rng(5)
+    n = 5000
+    cluster = np.concatenate(
+        [np.sort(rng.integers(0, 40, n // 2)), np.sort(rng.integers(0, 40, n - n // 2))]
+    )
+    distance = rng.choice(np.array([0.0, -0.0, 0.25, 0.5, 1.0, 1.5, 2.0], np.float32), n)
+    distance[::7] = rng.random(len(distance[::7]), dtype=np.float32)
+    raw = rng.permutation(n)
+    ids = [f"id-{i:05d}" for i in raw] if id_kind == "str" else raw.tolist()
+    t = pa.table({"id": ids, "cluster": pa.array(cluster, pa.int32()), "distance": distance})
+    got = rank_order(t)
+    want = sorted(range(n), key=lambda i: (int(cluster[i]), -float(distance[i]), ids[i]))
+    assert got.tolist() == want
+    assert rank_order(t.slice(0, 0)).tolist() == []

@@ -39,6 +39,8 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 
+from scoring.kernels.devices import count
+
 U = 2.0**-53  # float64 unit roundoff
 CHUNK = 256  # rows per float64 pass (float64 temporaries stay in the L2 cache)
 CHUNK_VALUES = 1 << 16  # ... or more rows, up to this many float64 values (512 KB) a pass
@@ -107,7 +109,7 @@ class Canonical:
         out = hi
         bad = np.nonzero(lo != hi)[0]
         if len(bad) and nx is not None:  # cosine near its prototype: the half-chord formula
-            self.stats["second_formula"] += len(bad)
+            count(self.stats, second_formula=len(bad))
             xh = xb[bad] / nx[bad, None]
             diff = xh - self.chat[j[bad]]
             q = np.einsum("ij,ij->i", diff, diff)
@@ -120,7 +122,7 @@ class Canonical:
             out[bad[ok2]] = hi2[ok2]
             bad = bad[~ok2]
         for i in bad:  # the exact path: rare
-            self.stats["exact"] += 1
+            count(self.stats, exact=1)
             out[i] = _exact(xb[i], self.c32[j[i]], self.metric)
         return out
 
@@ -136,7 +138,7 @@ class Canonical:
         """
         x = np.asarray(x)
         n = len(x)
-        self.stats["rows"] += n
+        count(self.stats, rows=n)
         cluster = np.zeros(n, np.int32)
         dist = np.empty(n, np.float32)
         second = np.full(n, np.inf, np.float32)
@@ -157,9 +159,9 @@ class Canonical:
             j2 = np.take_along_axis(js, order[:, :2], 1)
             d2 = np.take_along_axis(dd, order[:, :2], 1)
             cluster[rows], dist[rows], second[rows] = j2[:, 0], d2[:, 0], d2[:, 1]
-        self.stats["closed"] += int((level == 1).sum())
+        count(self.stats, closed=int((level == 1).sum()))
         bad = np.nonzero(level <= 0)[0]
-        self.stats["full"] += len(bad)
+        count(self.stats, full=len(bad))
         step = CHUNK if self.device is None else max(CHUNK, DEVICE_CELLS // self.k)
         for a in range(0, len(bad), step):
             rows = bad[a : a + step]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import numpy as np
 
@@ -103,6 +104,31 @@ def product_precision(device: str) -> str:
     if str(device).startswith("cuda"):
         return "bf16"
     return "bf16" if cpu_has_amx() else "fp32"
+
+
+_COUNT_LOCK = threading.Lock()
+
+
+def count(stats: dict, **add: int) -> None:
+    """stats[key] += n for each key, safely from several threads (a search cut into row
+    ranges counts from each)."""
+    with _COUNT_LOCK:
+        for key, n in add.items():
+            stats[key] = stats.get(key, 0) + n
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n inside (threads started inside take n too), the
+    previous count back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from scoring.kernels.dedup import (
     streamed_evidence,
 )
 from scoring.kernels.percentile import PercentileBins
-from scoring.kernels.radix import key_histogram
+from scoring.kernels.radix import key_histogram, rank_order
 from scoring.stages.keep import KeepResult, cluster_counts, keep_quotas, label_counts, survivors
 from scoring.storage import Store
 from scoring.strategies import GlobalRule
@@ -164,16 +164,14 @@ def annotate_range(task: RangeTask) -> RangeResult:
     )
     if t is None or t.num_rows == 0:
         return RangeResult.empty(task.k)
-    idx = pc.sort_indices(
-        t, sort_keys=[("cluster", "ascending"), ("distance", "descending"), ("id", "ascending")]
-    )
-    t = t.take(idx)
+    idx = rank_order(t)
+    t = t.take(pa.array(idx))
     ev = None
     if stream:
         ev = _streamed_dedup(task, t)
         t = t.drop_columns(["_shard", "_pos"])
     elif eps is not None:
-        ev = dedup_sorted(t["cluster"].to_numpy(), x[idx.to_numpy()], float(eps), task.block)
+        ev = dedup_sorted(t["cluster"].to_numpy(), x[idx], float(eps), task.block)
     t = t.append_column(layout.PERCENTILE, pa.array(task.bins.percentile(t["distance"].to_numpy())))
     if ev is not None:
         t = evidence_columns(t, ev)

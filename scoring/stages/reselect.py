@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from scoring import layout
 from scoring.kernels.dedup import exact_flags, stored_bound
+from scoring.kernels.radix import rank_order
 from scoring.stages.annotate import RangeResult, read_range, summarize
 from scoring.stages.keep import DedupView, read_part, survivors
 from scoring.storage import Store
@@ -70,9 +70,7 @@ def redecide(task: RecountTask, t: pa.Table) -> DedupView:
     cl = t["cluster"].to_numpy()
     lo, hi = int(cl[unsure].min()), int(cl[unsure].max()) + 1
     src, x = read_range(task.store, task.shards, lo, hi, True)
-    idx = pc.sort_indices(
-        src, sort_keys=[("cluster", "ascending"), ("distance", "descending"), ("id", "ascending")]
-    ).to_numpy()
+    idx = rank_order(src)
     src_cl, x = src["cluster"].to_numpy()[idx], x[idx]
     flags = np.zeros(len(unsure), bool)
     for j in np.unique(cl[unsure]):
