@@ -134,11 +134,11 @@ class NearestPrototype:
         cosine): pass the stored rows, not a normalised copy, whose rounding would show.
 
         On the CPU with torch allowed several threads (an actor given spare CPUs,
-        `placement.widest`), the rows are cut into one range per thread, each searched on
-        its own thread with one-thread products: the top-m passes and the canonical step
-        are single-threaded numpy, so this uses the CPUs where intra-op threads leave them
-        idle (10^6 x 64 rows, k = 1000, 2 CPUs: 3.2-3.4 s -> 2.5 s). The same bytes: the
-        canonical step decides every row whatever found its candidates.
+        `placement.widest`), the rows are cut into ranges (~4 per thread, >= ROW_RANGE_MIN
+        rows) searched on that many threads with one-thread products: the top-m passes and the
+        canonical step are single-threaded numpy, so this uses the CPUs where intra-op threads
+        leave them idle (10^6 x 64 rows, k = 1000, 2 CPUs: 3.2-3.4 s -> 3.0 s). The same
+        bytes: the canonical step decides every row whatever found its candidates.
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.d:
