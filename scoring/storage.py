@@ -233,7 +233,8 @@ class Store:
     def put_bytes(self, key: str, data: bytes) -> None:
         """Atomic put: readers see the old object or the whole new one, never a prefix."""
         if self.is_local:
-            self._wrap(lambda: _atomic_local_write(self.path(key), data), key, "write")
+            path = self.path(key)
+            self._wrap(lambda: _atomic_local_write(path, lambda f: f.write(data)), key, "write")
         else:
             t = self._deadline(len(data))
             self._wrap(lambda: self.fs.pipe_file(self.path(key), data, **t), key, "write")
@@ -346,16 +347,14 @@ class Store:
             return len(data), hashlib.sha256(data).hexdigest()
         import pyarrow.parquet as pq
 
-        def encode(f) -> _Hashing:
-            sink = _Hashing(f)
-            pq.write_table(table, sink, **kwargs)
-            return sink
+        def write() -> _Hashing:  # one attempt: a fresh count and hash
+            sink = _Hashing()
 
-        path = self.path(key)
+            def fill(f) -> None:
+                sink.f = f
+                pq.write_table(table, sink, **kwargs)
 
-        def write() -> _Hashing:
-            tmp, sink = _write_temp(path, encode)
-            os.replace(tmp, path)
+            _atomic_local_write(self.path(key), fill)
             return sink
 
         sink = self._wrap(write, key, "write")
@@ -398,10 +397,10 @@ class Store:
 
 
 class _Hashing(io.RawIOBase):
-    """A write-only file over `f` that counts and sha256-hashes what is written through it."""
+    """A write-only file over `self.f` that counts and sha256-hashes what passes through."""
 
-    def __init__(self, f):
-        self.f, self.size, self.sha256 = f, 0, hashlib.sha256()
+    def __init__(self):
+        self.f, self.size, self.sha256 = None, 0, hashlib.sha256()
 
     def writable(self) -> bool:
         return True
@@ -412,26 +411,25 @@ class _Hashing(io.RawIOBase):
         return self.f.write(b)
 
 
-def _write_temp(path: str, data: bytes | Callable[[Any], T]) -> Any:
-    """Write data to a fresh temp file beside path (fsynced) and return its name; `data` may
-    be a function that writes into the open file: then (name, what it returned). A failed
+def _write_temp(path: str, fill: Callable[[Any], Any]) -> str:
+    """A fresh temp file beside path, written by `fill(file)` and fsynced; its name. A failed
     write leaves no temp file behind."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
-            got = data(f) if callable(data) else f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return (tmp, got) if callable(data) else tmp
+    return tmp
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
-    os.replace(_write_temp(path, data), path)
+def _atomic_local_write(path: str, fill: Callable[[Any], Any]) -> None:
+    os.replace(_write_temp(path, fill), path)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -449,7 +447,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _create_only_local_write(path: str, data: bytes) -> bool:
-    tmp = _write_temp(path, data)
+    tmp = _write_temp(path, lambda f: f.write(data))
     try:
         os.link(tmp, path)
         return True
