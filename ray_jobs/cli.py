@@ -222,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ray_jobs.progress import use_json_logs
 
         use_json_logs()
-    doc = prune.run(cfg, wait_report=False)  # the report finishes while Ray shuts down
+    doc = prune.run(cfg, wait_report=False)  # the report finishes while the result prints
     print_result("run", f"{cfg.output.rstrip('/')}/{cfg.run_id}", doc)
     sys.stdout.flush()
     finish_run()
@@ -230,17 +230,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def finish_run() -> None:
-    """The end of a `run` process: shut down Ray (the embedded one this process started, or
-    its connection to a cluster) while the report is written, then wait for the report."""
+    """The end of a `run` process: wait for the report (written on its thread while the
+    result line was printed), then shut down the Ray this process started (or its connection
+    to a cluster). Nothing of ours runs on another thread while Ray shuts down."""
+    from ray_jobs.scheduler import shutdown_ray
     from scoring.report.background import wait_all
 
     try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    finally:
         wait_all()
+    finally:
+        shutdown_ray()
 
 
 def print_result(what: str, where: str, doc: dict[str, Any]) -> None:

@@ -380,6 +380,6 @@ def plan_and_start_ray(r: Run, address: str | None) -> None:
             try:
                 planned.result()  # a bad input's error wins over anything Ray said
             except BaseException:
-                if started and ray.is_initialized():
-                    ray.shutdown()  # the Ray this run started: nothing left behind
+                if started:
+                    sch.shutdown_ray()  # the Ray this run started: nothing left behind
                 raise

@@ -56,7 +56,7 @@ CASES = {
     ),
     "bench_score.py": (
         ["--rows", "20000", "--dim", "16", "--k", "20", "--files", "2"],
-        ["ratio protoprune / baseline"],
+        ["score stage, hard (scores)", "score stage, auto (scores + embeddings)", "ratio"],
     ),
     "quality.py": (
         [

@@ -147,3 +147,19 @@ def test_force_new_leaves_nothing_of_the_old_run(data, capsys):
     assert man["strategy"] == "easy" and "dedup" not in man
     assert {k for k in left if k.startswith(layout.ANNOTATED)} == set(man["annotated"])
     capsys.readouterr()
+
+
+def test_the_cli_shuts_down_only_the_ray_it_started(data, ray_temp_dir):
+    """`protoprune run` called in a process whose Ray the caller started (a notebook's, this
+    module's) runs on that Ray and leaves it up; a Ray the run started itself is shut down at
+    its end, after the report is written."""
+    node = ray.get_runtime_context().get_node_id()
+    assert cli.main(run_args(data, "caller-ray")) == 0
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node
+    ray.shutdown()
+    try:
+        assert cli.main(run_args(data, "own-ray")) == 0  # starts an embedded Ray of its own
+        assert not ray.is_initialized()
+        assert Store(str(data / "out" / "own-ray")).exists(layout.REPORT)
+    finally:  # this module's Ray again, for the fixture's teardown
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_temp_dir, log_to_driver=False)
