@@ -37,13 +37,14 @@ IN_FLIGHT_PER_WORKER = 2  # units queued per actor: it reads the next while comp
 
 
 # -- the cluster -------------------------------------------------------------------------------
-_STARTED: list[bool] = []  # [True] while a Ray that ensure_ray started or joined is up
+_started_here = False  # a Ray that ensure_ray started or joined is up
 
 
 def ensure_ray(address: str | None) -> None:
     """Join a cluster (address, `auto`, or RAY_ADDRESS inside `ray job submit`), else start
     an embedded local Ray. A Ray the caller started (a notebook's, a test's) is used as it is,
     and `shutdown_ray` leaves it up."""
+    global _started_here
     import ray
 
     if ray.is_initialized():
@@ -58,7 +59,7 @@ def ensure_ray(address: str | None) -> None:
         # "local": a new embedded Ray, even when `ray start` left a cluster address on this
         # machine (ray.init() with no address would silently join that cluster).
         ray.init(address="local", include_dashboard=False, **kwargs)
-    _STARTED[:] = [True]
+    _started_here = True
 
 
 def shutdown_ray() -> None:
@@ -71,13 +72,14 @@ def shutdown_ray() -> None:
     that ran a failed run before; the exact call was not pinned down). So the caller waits for
     its threads first (`cli.finish_run`), and cyclic garbage, which can hold actor handles and
     object refs of an earlier run, is collected here while the core worker is up."""
+    global _started_here
     import gc
 
     import ray
 
-    if not (_STARTED and ray.is_initialized()):
+    if not (_started_here and ray.is_initialized()):
         return
-    _STARTED.clear()
+    _started_here = False
     gc.collect()
     ray.shutdown()
 

@@ -36,13 +36,9 @@ def ray_local(ray_temp_dir):
     """An embedded local Ray with 2 CPUs, shared by the tests of one module."""
     import ray
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=ray_temp_dir,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    from tests.helpers import init_local_ray
+
+    init_local_ray(ray_temp_dir)
     yield ray
     ray.shutdown()
 

@@ -11,6 +11,19 @@ import pyarrow.parquet as pq
 from scoring.storage import Store
 
 
+def init_local_ray(temp_dir: str) -> None:
+    """The tests' embedded local Ray: 2 CPUs, no dashboard, its session logs in temp_dir."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+
+
 def clustered(n: int, d: int, c: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(c, d)).astype(np.float32)

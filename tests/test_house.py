@@ -15,7 +15,7 @@ from scoring import commit, layout, strategies
 from scoring.config import RunConfig
 from scoring.kernels.radix import float_key
 from scoring.storage import Store
-from tests.helpers import clustered, read_all, write_dataset
+from tests.helpers import clustered, init_local_ray, read_all, write_dataset
 
 N, D, K = 1200, 12, 6
 
@@ -162,4 +162,4 @@ def test_the_cli_shuts_down_only_the_ray_it_started(data, ray_temp_dir):
         assert not ray.is_initialized()
         assert Store(str(data / "out" / "own-ray")).exists(layout.REPORT)
     finally:  # this module's Ray again, for the fixture's teardown
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_temp_dir, log_to_driver=False)
+        init_local_ray(ray_temp_dir)
